@@ -1,0 +1,6 @@
+"""LLaVA-Med serving stack: controller, model workers, web UI, CLI, client and evaluation.
+
+For research use only. Not for clinical use.
+"""
+
+__version__ = "0.1.0"

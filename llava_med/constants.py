@@ -1,0 +1,80 @@
+"""Constants shared by every part of the stack.
+
+Timings can be overridden by environment variables; they are read when asked for (functions below), so
+nothing here is mutated at run time.
+"""
+
+from __future__ import annotations
+
+import os
+from enum import IntEnum
+
+# Image placeholders, as in the original LLaVA code base.
+IMAGE_TOKEN_INDEX = -200
+DEFAULT_IMAGE_TOKEN = "<image>"
+DEFAULT_IMAGE_PATCH_TOKEN = "<im_patch>"
+DEFAULT_IM_START_TOKEN = "<im_start>"
+DEFAULT_IM_END_TOKEN = "<im_end>"
+IGNORE_INDEX = -100
+
+# Default ports and addresses of the original project (all bound to loopback by default here).
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_CONTROLLER_PORT = 21001
+DEFAULT_WORKER_PORT = 21002
+DEFAULT_WEB_PORT = 7860
+DEFAULT_CONTROLLER_URL = f"http://localhost:{DEFAULT_CONTROLLER_PORT}"
+DEFAULT_WORKER_URL = f"http://localhost:{DEFAULT_WORKER_PORT}"
+
+# The message the original clients show; ours always adds the real cause after it.
+SERVER_ERROR_MSG = "**NETWORK ERROR DUE TO HIGH TRAFFIC. PLEASE REGENERATE OR REFRESH THIS PAGE.**"
+MODERATION_MSG = "YOUR INPUT VIOLATES OUR CONTENT MODERATION GUIDELINES. PLEASE TRY AGAIN."
+
+RESEARCH_ONLY_NOTICE = (
+    "LLaVA-Med is for research use only. It is not a medical device and must not be used for clinical "
+    "diagnosis, treatment or any other clinical decision."
+)
+
+
+def _env_float(name: str, default: float) -> float:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return float(value)
+    except ValueError as exc:
+        raise ValueError(f"environment variable {name}={value!r} is not a number") from exc
+
+
+def worker_heart_beat_interval() -> float:
+    """Seconds between a worker's heartbeats (env LLAVA_MED_WORKER_HEART_BEAT_INTERVAL, default 15)."""
+    return _env_float("LLAVA_MED_WORKER_HEART_BEAT_INTERVAL", 15.0)
+
+
+def controller_heart_beat_expiration() -> float:
+    """Seconds after which the controller drops a silent worker (env LLAVA_MED_CONTROLLER_HEART_BEAT_EXPIRATION, default 30)."""
+    return _env_float("LLAVA_MED_CONTROLLER_HEART_BEAT_EXPIRATION", 30.0)
+
+
+def worker_api_timeout() -> float:
+    """Seconds a controller or client waits on a worker before giving up (env LLAVA_MED_WORKER_API_TIMEOUT, default 100)."""
+    return _env_float("LLAVA_MED_WORKER_API_TIMEOUT", 100.0)
+
+
+class ErrorCode(IntEnum):
+    """Error codes carried in stream chunks (``error_code``); 0 means no error."""
+
+    OK = 0
+    BAD_REQUEST = 40001
+    BAD_IMAGE = 40002
+    IMAGE_COUNT_MISMATCH = 40003
+    INVALID_AUTH_KEY = 40101
+    INVALID_MODEL = 40301
+    PARAM_OUT_OF_RANGE = 40302
+    CONTEXT_OVERFLOW = 40303
+    ENGINE_OVERLOADED = 42903
+    CANCELLED = 49901
+    INTERNAL_ERROR = 50001
+    OUT_OF_MEMORY = 50002
+    CONTROLLER_NO_WORKER = 50005
+    CONTROLLER_WORKER_TIMEOUT = 50006
+    WORKER_UNREACHABLE = 50007

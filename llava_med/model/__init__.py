@@ -1,0 +1,1 @@
+"""Model layer: loading, prompting, image processing, generation."""

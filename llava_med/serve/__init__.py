@@ -1,0 +1,1 @@
+"""Serving layer: controller, model workers, clients and UIs."""
