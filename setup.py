@@ -1,0 +1,49 @@
+"""Installable package for the LLaVA-Med serving stack.
+
+torch is not pinned here so GPU users keep their CUDA build; CPU-only machines install ``torch==2.13.0`` first
+(see scripts/test.sh and the README).
+"""
+
+from setuptools import find_packages, setup
+
+with open("README.md", encoding="utf-8") as fh:
+    long_description = fh.read()
+
+setup(
+    name="llava-med-serve",
+    version="0.1.0",
+    description="Controller/worker serving stack, web chat, CLI and OpenAI-compatible API for LLaVA-Med v1.5",
+    long_description=long_description,
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["llava_med", "llava_med.*"]),
+    install_requires=[
+        "torch>=2.4",
+        "transformers>=5.0,<6",
+        "accelerate>=1.0",
+        "safetensors>=0.4",
+        "sentencepiece>=0.2",
+        "protobuf>=4",
+        "tokenizers>=0.20",
+        "numpy>=1.24",
+        "pillow>=10",
+        "pydicom>=3.0",
+        "pydantic>=2.5",
+        "fastapi>=0.110",
+        "uvicorn>=0.29",
+        "httpx>=0.27",
+        "requests>=2.31",
+    ],
+    extras_require={
+        "quant": ["bitsandbytes>=0.45"],
+        "web": ["gradio>=6,<7"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3"],
+    },
+    entry_points={"console_scripts": ["llava-med=llava_med.__main__:main"]},
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Intended Audience :: Science/Research",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)
