@@ -1,0 +1,259 @@
+"""Request preparation, sampling, incremental detokenisation and single-request streaming generation.
+
+The pieces (``prepare_prompt``, ``SamplingParams``, ``TokenSampler``, ``TextAssembler``) are what every caller
+uses: the CLI and eval through :func:`generate_stream`, and the worker's batching engine step by step.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from llava_med.errors import BadRequestError, ContextOverflowError
+from llava_med.constants import ErrorCode
+from llava_med.model.builder import LoadedModel
+from llava_med.model.image_processing import ImageLimits, load_image, normalize_aspect_mode, process_images
+from llava_med.model.prompting import check_image_count, stop_holdback, tokenizer_image_token, truncate_at_stop
+
+# As the original worker: sampling only above this temperature, greedy decoding below it.
+GREEDY_TEMPERATURE = 1e-3
+MAX_TEMPERATURE = 100.0
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request decoding settings, validated on construction."""
+
+    temperature: float = 0.2
+    top_p: float = 1.0
+    max_new_tokens: int = 512
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        def bad(msg: str) -> BadRequestError:
+            return BadRequestError(msg, code=ErrorCode.PARAM_OUT_OF_RANGE)
+
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)):
+            raise BadRequestError(f"temperature must be a number, got {self.temperature!r}")
+        if not math.isfinite(self.temperature) or not 0 <= self.temperature <= MAX_TEMPERATURE:
+            raise bad(f"temperature must be between 0 and {MAX_TEMPERATURE:g}, got {self.temperature}")
+        if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)):
+            raise BadRequestError(f"top_p must be a number, got {self.top_p!r}")
+        if not math.isfinite(self.top_p) or not 0 < self.top_p <= 1:
+            raise bad(f"top_p must be in (0, 1], got {self.top_p}")
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
+            raise BadRequestError(f"max_new_tokens must be an integer, got {self.max_new_tokens!r}")
+        if self.max_new_tokens < 1:
+            raise bad(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise BadRequestError(f"seed must be an integer, got {self.seed!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= GREEDY_TEMPERATURE
+
+
+class TokenSampler:
+    """Picks the next token from one row of logits: greedy, or temperature + top-p with a per-request seed.
+
+    Sampling runs on the CPU in float32 with the request's own generator, so a seeded request draws the same
+    tokens whether it runs alone or inside a batch.
+    """
+
+    def __init__(self, params: SamplingParams) -> None:
+        self.params = params
+        seed = params.seed if params.seed is not None else random.SystemRandom().randrange(2**63)
+        self.generator = torch.Generator(device="cpu").manual_seed(seed)
+
+    def __call__(self, logits: torch.Tensor) -> int:
+        if self.params.greedy:
+            return int(torch.argmax(logits).item())
+        scaled = logits.detach().float().cpu() / self.params.temperature
+        probs = torch.softmax(scaled, dim=-1)
+        if self.params.top_p < 1.0:
+            sorted_probs, order = torch.sort(probs, descending=True)
+            cumulative = torch.cumsum(sorted_probs, dim=-1)
+            # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+            drop = cumulative - sorted_probs >= self.params.top_p
+            sorted_probs[drop] = 0.0
+            choice = torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=self.generator)
+            return int(order[choice].item())
+        return int(torch.multinomial(probs, 1, generator=self.generator).item())
+
+
+class TextAssembler:
+    """Turns generated token ids into text incrementally, never splitting a multi-byte character, and stops at
+    stop strings. ``text`` is what may be shown now: a tail that could still become a stop string is held back.
+    """
+
+    def __init__(self, tokenizer, stop: Sequence[str] = ()) -> None:
+        self.tokenizer = tokenizer
+        self.stop = tuple(stop)
+        self.token_ids: list[int] = []
+        self._decoded = ""
+        self._prefix_offset = 0
+        self._read_offset = 0
+        self.stopped = False
+
+    def add(self, token_id: int) -> bool:
+        """Append one token; returns True when a stop string has been reached."""
+        self.token_ids.append(token_id)
+        decode = self.tokenizer.decode
+        prefix = decode(self.token_ids[self._prefix_offset : self._read_offset], skip_special_tokens=True)
+        full = decode(self.token_ids[self._prefix_offset :], skip_special_tokens=True)
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            self._decoded += full[len(prefix) :]
+            self._prefix_offset = self._read_offset
+            self._read_offset = len(self.token_ids)
+        if self.stop:
+            cut, hit = truncate_at_stop(self._decoded, self.stop)
+            if hit:
+                self._decoded = cut
+                self.stopped = True
+        return self.stopped
+
+    @property
+    def final_text(self) -> str:
+        return self._decoded
+
+    @property
+    def text(self) -> str:
+        if self.stopped or not self.stop:
+            return self._decoded
+        hold = stop_holdback(self._decoded, self.stop)
+        return self._decoded[: len(self._decoded) - hold] if hold else self._decoded
+
+
+@dataclass
+class PreparedPrompt:
+    """A request ready for the model: token ids with image sentinels and the images' pixel tensors."""
+
+    input_ids: list[int]
+    pixel_values: torch.Tensor | None
+    num_prompt_tokens: int
+    max_new_tokens: int
+
+    @property
+    def num_images(self) -> int:
+        return 0 if self.pixel_values is None else int(self.pixel_values.shape[0])
+
+
+def prepare_prompt(
+    loaded: LoadedModel,
+    prompt: str,
+    images: Sequence = (),
+    *,
+    max_new_tokens: int = 512,
+    image_mode: str | None = None,
+    limits: ImageLimits | None = None,
+    allow_url: bool = False,
+) -> PreparedPrompt:
+    """Check and tokenise ``prompt``, decode and preprocess ``images``, and fit ``max_new_tokens`` to the context.
+
+    Raises typed errors (image count mismatch, bad image, context overflow) with messages that name the cause.
+    """
+    if not isinstance(prompt, str) or not prompt:
+        raise BadRequestError("prompt must be a non-empty string")
+    images = list(images or ())
+    check_image_count(prompt, len(images))
+    input_ids = tokenizer_image_token(prompt, loaded.tokenizer)
+    per_image = loaded.model.num_image_tokens
+    num_tokens = len(input_ids) + len(images) * (per_image - 1)
+    context = loaded.context_len
+    if num_tokens >= context:
+        raise ContextOverflowError(
+            f"the prompt is {num_tokens} tokens ({len(images)} image(s) x {per_image} tokens included) but the "
+            f"model's context is {context} tokens; shorten the conversation or start a new one"
+        )
+    pixel_values = None
+    if images:
+        mode = normalize_aspect_mode(image_mode, loaded.image_aspect_ratio)
+        pil_images = [load_image(src, limits=limits, allow_url=allow_url) for src in images]
+        pixel_values = process_images(pil_images, loaded.image_processor, mode)
+    return PreparedPrompt(
+        input_ids=input_ids,
+        pixel_values=pixel_values,
+        num_prompt_tokens=num_tokens,
+        max_new_tokens=min(max_new_tokens, context - num_tokens),
+    )
+
+
+@dataclass
+class GenerationUpdate:
+    """One streamed state of a request: ``text`` is cumulative and excludes the prompt."""
+
+    text: str
+    finish_reason: str | None
+    num_prompt_tokens: int
+    num_generated_tokens: int
+    token_ids: tuple[int, ...] = ()  # every generated token, on the final update only
+
+
+@torch.inference_mode()
+def generate_stream(
+    loaded: LoadedModel,
+    prepared: PreparedPrompt,
+    params: SamplingParams,
+    *,
+    is_cancelled: Callable[[], bool] | None = None,
+) -> Iterator[GenerationUpdate]:
+    """Generate for one request, yielding an update per token; the last update has ``finish_reason`` set
+    (``"stop"``: end of sequence or a stop string; ``"length"``: ``max_new_tokens`` or the context is full;
+    ``"cancelled"``: ``is_cancelled()`` returned True).
+    """
+    from transformers import DynamicCache
+
+    model = loaded.model
+    features = [] if prepared.pixel_values is None else list(model.encode_images(prepared.pixel_values))
+    embeds = model.embed_prompt(prepared.input_ids, features).unsqueeze(0)
+    cache = DynamicCache(config=model.config)
+    out = model(inputs_embeds=embeds, cache=cache, logits_to_keep=1)
+    sampler = TokenSampler(params)
+    assembler = TextAssembler(loaded.tokenizer, params.stop)
+    eos_id = loaded.tokenizer.eos_token_id
+    limit = min(params.max_new_tokens, prepared.max_new_tokens)
+    generated = 0
+    finish: str | None = None
+    while finish is None:
+        if is_cancelled is not None and is_cancelled():
+            finish = "cancelled"
+            break
+        token = sampler(out.logits[0, -1])
+        generated += 1
+        if token == eos_id and not params.ignore_eos:
+            finish = "stop"
+            break
+        if assembler.add(token):
+            finish = "stop"
+        elif generated >= limit:
+            finish = "length"
+        else:
+            yield GenerationUpdate(assembler.text, None, prepared.num_prompt_tokens, generated)
+            next_ids = torch.tensor([[token]], device=model.device)
+            out = model(input_ids=next_ids, cache=cache)
+    yield GenerationUpdate(
+        assembler.final_text, finish, prepared.num_prompt_tokens, generated, tuple(assembler.token_ids)
+    )
+
+
+def generate(
+    loaded: LoadedModel,
+    prompt: str,
+    images: Sequence = (),
+    params: SamplingParams | None = None,
+    *,
+    image_mode: str | None = None,
+) -> str:
+    """Whole answer for one templated prompt (convenience for scripts and eval)."""
+    params = params or SamplingParams()
+    prepared = prepare_prompt(loaded, prompt, images, max_new_tokens=params.max_new_tokens, image_mode=image_mode)
+    text = ""
+    for update in generate_stream(loaded, prepared, params):
+        text = update.text
+    return text
