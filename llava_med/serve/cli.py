@@ -1,0 +1,190 @@
+"""Chat with a LLaVA-Med checkpoint in the terminal, or answer one question (``--query``) for scripts.
+
+    python -m llava_med.serve.cli --model-path microsoft/llava-med-v1.5-mistral-7b --image-file scan.png
+    llava-med chat --query "Describe the image." --image-file ct.dcm
+
+Without ``--model-path`` the embedded tiny random-weight checkpoint is used (its answers are noise): that
+checks an installation end to end without downloading anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from llava_med.constants import RESEARCH_ONLY_NOTICE
+from llava_med.conversation import conv_mode_for_config, get_conv_template, template_names
+from llava_med.errors import LlavaMedError
+
+logger = logging.getLogger("llava_med.cli")
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """Loader flags shared by the CLI, the model worker and eval (names as in the original project)."""
+    group = parser.add_argument_group("model")
+    group.add_argument("--model-path", default=None,
+                       help="checkpoint folder or hub id (default: the embedded tiny random-weight checkpoint)")
+    group.add_argument("--model-base", default=None, help="accepted for compatibility; complete checkpoints ignore it")
+    group.add_argument("--model-name", default=None, help="name to serve/show (default: the folder's name)")
+    group.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu", "mps"])
+    group.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                       help="default: bfloat16 (or float16) on GPUs, float16 on MPS, float32 on CPU")
+    group.add_argument("--load-8bit", action="store_true", help="quantise the language model to 8 bits (bitsandbytes)")
+    group.add_argument("--load-4bit", action="store_true", help="quantise the language model to 4-bit nf4 (bitsandbytes)")
+    group.add_argument("--num-gpus", type=int, default=1, help="spread the model over this many GPUs")
+    group.add_argument("--max-gpu-memory", default=None, help="per-GPU memory cap with --num-gpus, e.g. 13GiB")
+    group.add_argument("--vision-tower", default=None,
+                       help="CLIP folder or hub id to use instead of the checkpoint's vision tower")
+    group.add_argument("--conv-mode", default=None, choices=template_names(),
+                       help="prompt template (default: chosen from the checkpoint's config)")
+    group.add_argument("--local-files-only", action="store_true", help="never contact the Hugging Face hub")
+
+
+def load_config_from_args(args: argparse.Namespace):
+    from llava_med.model.builder import LoadConfig
+
+    return LoadConfig(
+        model_path=args.model_path,
+        model_base=args.model_base,
+        model_name=args.model_name,
+        device=args.device,
+        dtype=args.dtype,
+        load_8bit=args.load_8bit,
+        load_4bit=args.load_4bit,
+        num_gpus=args.num_gpus,
+        max_gpu_memory=args.max_gpu_memory,
+        vision_tower=args.vision_tower,
+        conv_mode=args.conv_mode,
+        local_files_only=args.local_files_only,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llava-med chat",
+        description="Chat with LLaVA-Med about an image. " + RESEARCH_ONLY_NOTICE,
+    )
+    add_model_args(parser)
+    parser.add_argument("--image-file", action="append", default=[],
+                        help="image (PNG, JPEG, DICOM, ...) to ask about; repeat for several images")
+    parser.add_argument("--image-process-mode", default="Default", choices=["Default", "Pad", "Resize", "Crop"],
+                        help="how to fit the image to the vision tower (Default: the checkpoint's setting)")
+    parser.add_argument("--query", default=None, help="ask this one question, print the answer and exit")
+    parser.add_argument("--temperature", type=float, default=0.2)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--max-new-tokens", type=int, default=512)
+    parser.add_argument("--seed", type=int, default=None, help="seed for sampling (temperature > 0)")
+    parser.add_argument("--debug", action="store_true", help="log prompts and outputs")
+    return parser
+
+
+class ChatSession:
+    """A multi-turn conversation about the given images on one loaded model."""
+
+    def __init__(self, loaded, conv_mode: str, images: Sequence, image_mode: str, params_kwargs: dict) -> None:
+        self.loaded = loaded
+        self.conv = get_conv_template(conv_mode)
+        self.images = list(images)
+        self.image_mode = image_mode
+        self.params_kwargs = params_kwargs
+
+    def ask(self, question: str):
+        """Yield the answer's new text piece by piece; the conversation keeps the whole answer."""
+        from llava_med.model.generation import SamplingParams, generate_stream, prepare_prompt
+        from llava_med.model.prompting import normalize_stop
+
+        first_turn = not self.conv.messages[self.conv.offset:]
+        if first_turn and self.images:
+            self.conv.append_message(self.conv.roles[0], (question, list(self.images), self.image_mode))
+        else:
+            self.conv.append_message(self.conv.roles[0], question)
+        self.conv.append_message(self.conv.roles[1], None)
+        prompt = self.conv.get_prompt()
+        params = SamplingParams(stop=normalize_stop(None, self.conv.stop_str), **self.params_kwargs)
+        try:
+            prepared = prepare_prompt(self.loaded, prompt, self.conv.get_images(),
+                                      max_new_tokens=params.max_new_tokens, image_mode=self.image_mode)
+        except LlavaMedError:
+            self.conv.messages = self.conv.messages[:-2]
+            raise
+        logger.debug("prompt: %r", prompt)
+        shown = ""
+        answer = ""
+        try:
+            for update in generate_stream(self.loaded, prepared, params):
+                answer = update.text
+                if len(update.text) > len(shown):
+                    yield update.text[len(shown):]
+                    shown = update.text
+        finally:
+            self.conv.update_last_message(answer.strip())
+        logger.debug("output: %r", answer)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    from llava_med.model.builder import load_pretrained_model
+    from llava_med.model.image_processing import load_image
+
+    try:
+        loaded = load_pretrained_model(load_config_from_args(args))
+        if args.model_path is None:
+            logger.warning("using the embedded tiny random-weight checkpoint: its answers are noise. "
+                           "Pass --model-path microsoft/llava-med-v1.5-mistral-7b for the real model.")
+        conv_mode = args.conv_mode or conv_mode_for_config(loaded.config)
+        images = [load_image(path) for path in args.image_file]  # fail on a bad file before the chat starts
+        session = ChatSession(
+            loaded,
+            conv_mode,
+            images,
+            args.image_process_mode,
+            {"temperature": args.temperature, "top_p": args.top_p, "max_new_tokens": args.max_new_tokens,
+             "seed": args.seed},
+        )
+        if args.query is not None:
+            answer = "".join(session.ask(args.query))
+            print(answer.strip(), flush=True)
+            return 0
+        return _interactive(session)
+    except LlavaMedError as exc:
+        logger.error("%s", exc)
+        return 2
+    except ValueError as exc:  # invalid flag combinations from LoadConfig
+        logger.error("%s", exc)
+        return 2
+
+
+def _interactive(session: ChatSession) -> int:
+    roles = session.conv.roles
+    print(RESEARCH_ONLY_NOTICE, file=sys.stderr)
+    while True:
+        try:
+            question = input(f"{roles[0]}: ")
+        except (EOFError, KeyboardInterrupt):
+            question = ""
+        if not question.strip():
+            print("exit...", file=sys.stderr)
+            return 0
+        print(f"{roles[1]}: ", end="", flush=True)
+        try:
+            for piece in session.ask(question):
+                print(piece, end="", flush=True)
+        except KeyboardInterrupt:
+            print("\nexit...", file=sys.stderr)
+            return 0
+        except LlavaMedError as exc:
+            print(file=sys.stdout)
+            logger.error("%s", exc)
+            continue
+        print(flush=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
