@@ -1,0 +1,304 @@
+"""Synchronous Python client of the controller and workers (used by the web UI, the CLI, eval and scripts).
+
+    client = LlavaMedClient("http://localhost:21001")
+    print(client.list_models())
+    for chunk in client.generate_stream("llava-med-v1.5-mistral-7b", "[INST] <image>\\nWhat is it? [/INST]",
+                                        images=[pil_image]):
+        print(chunk.output)
+
+Errors raise :class:`ClientError` subclasses: :class:`NoWorkerError` (no worker serves the model),
+:class:`WorkerError` (an error chunk: ``code`` and ``message``), :class:`ClientTimeoutError`,
+:class:`ClientConnectionError` (unreachable, or the connection died mid-stream).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import requests
+
+from llava_med.constants import ErrorCode, worker_api_timeout
+from llava_med.serve.protocol import (
+    CHUNK_DELIMITER,
+    StreamChunk,
+    StreamProtocolError,
+    WorkerStatus,
+    error_cause,
+    iter_chunks,
+)
+
+__all__ = [
+    "LlavaMedClient",
+    "ClientChunk",
+    "ClientError",
+    "NoWorkerError",
+    "WorkerError",
+    "ClientTimeoutError",
+    "ClientConnectionError",
+    "encode_image",
+]
+
+CONNECT_TIMEOUT = 5.0
+
+
+class ClientError(Exception):
+    """Base class of the client's errors."""
+
+
+class WorkerError(ClientError):
+    """The server answered an error chunk (or an error status); ``code`` is its ErrorCode."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(f"{message} (error_code {int(code)})")
+        self.code = int(code)
+        self.message = message
+
+    @property
+    def error_code(self) -> ErrorCode | int:
+        try:
+            return ErrorCode(self.code)
+        except ValueError:
+            return self.code
+
+
+class NoWorkerError(WorkerError):
+    """No worker serves the requested model."""
+
+    def __init__(self, message: str, code: int = ErrorCode.CONTROLLER_NO_WORKER) -> None:
+        super().__init__(code, message)
+
+
+class ClientTimeoutError(ClientError):
+    """The server did not answer in time."""
+
+
+class ClientConnectionError(ClientError):
+    """The server could not be reached, or the connection broke (for instance the worker died mid-stream)."""
+
+
+class ClientChunk(StreamChunk):
+    """A stream chunk plus ``output``: the generated text alone (the prompt echo removed)."""
+
+    output: str = ""
+
+
+def _local_encode_png(image: Any) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def encode_image(image: Any) -> str:
+    """A PIL image, raw bytes or a base64 string -> the base64 string the wire carries."""
+    if isinstance(image, str):
+        return image
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return base64.b64encode(bytes(image)).decode("ascii")
+    if hasattr(image, "save") and hasattr(image, "size"):  # PIL.Image.Image, without importing PIL here
+        try:
+            from llava_med.model.image_processing import encode_image_base64
+        except ImportError:
+            return _local_encode_png(image)
+        return encode_image_base64(image)
+    raise TypeError(f"images must be PIL images, bytes or base64 strings, got {type(image).__name__}")
+
+
+def _is_read_timeout(exc: BaseException) -> bool:
+    from urllib3.exceptions import ReadTimeoutError
+
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, ReadTimeoutError) or any(isinstance(a, ReadTimeoutError) for a in current.args):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+class LlavaMedClient:
+    """Client of a controller (``controller_url``) and/or one worker (``worker_url``).
+
+    Generation goes to ``worker_url`` when given; otherwise the controller picks a worker
+    (``/get_worker_address``) or, with ``via_controller=True``, relays the stream.
+    ``timeout`` bounds each wait for bytes from a server (connecting takes at most 5 s).
+    """
+
+    def __init__(
+        self,
+        controller_url: str | None = None,
+        worker_url: str | None = None,
+        timeout: float | None = None,
+        *,
+        auth_token: str | None = None,
+        session: requests.Session | None = None,
+    ) -> None:
+        if not controller_url and not worker_url:
+            raise ValueError("give controller_url, worker_url or both")
+        self.controller_url = controller_url.rstrip("/") if controller_url else None
+        self.worker_url = worker_url.rstrip("/") if worker_url else None
+        self.timeout = worker_api_timeout() if timeout is None else float(timeout)
+        if self.timeout <= 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {self.timeout}")
+        self.auth_token = auth_token
+        self.session = session or requests.Session()
+        self.session.trust_env = False
+
+    def close(self) -> None:
+        self.session.close()
+
+    def __enter__(self) -> LlavaMedClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------------------------------------ plumbing
+    @property
+    def _timeouts(self) -> tuple[float, float]:
+        return (min(CONNECT_TIMEOUT, self.timeout), self.timeout)
+
+    def _controller(self) -> str:
+        if not self.controller_url:
+            raise ClientError("this client has no controller_url")
+        return self.controller_url
+
+    def _post(self, url: str, json: Any = None, **kwargs: Any) -> requests.Response:
+        try:
+            resp = self.session.post(url, json=json, timeout=self._timeouts, **kwargs)
+        except requests.Timeout as exc:
+            raise ClientTimeoutError(f"{url} did not answer within {self.timeout:g} s") from exc
+        except requests.RequestException as exc:
+            raise ClientConnectionError(f"cannot reach {url}: {exc}") from exc
+        if resp.status_code != 200:
+            raise self._http_error(url, resp)
+        return resp
+
+    @staticmethod
+    def _http_error(url: str, resp: requests.Response) -> WorkerError:
+        try:
+            data = resp.json()
+            code = int(data.get("error_code", ErrorCode.INTERNAL_ERROR))
+            message = data.get("message") or data.get("detail") or resp.text
+        except (ValueError, AttributeError, TypeError):
+            code, message = int(ErrorCode.INTERNAL_ERROR), resp.text[:500]
+        return WorkerError(code, f"{url} answered HTTP {resp.status_code}: {message}")
+
+    def _auth_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.auth_token}"} if self.auth_token else {}
+
+    # ------------------------------------------------------------------------------------------------ controller
+    def refresh_all_workers(self) -> None:
+        self._post(self._controller() + "/refresh_all_workers")
+
+    def list_models(self) -> list[str]:
+        return sorted(self._post(self._controller() + "/list_models").json()["models"])
+
+    def get_worker_address(self, model: str) -> str:
+        """The address of a worker serving ``model``; NoWorkerError when none does."""
+        address = self._post(self._controller() + "/get_worker_address", json={"model": model}).json()["address"]
+        if not address:
+            raise NoWorkerError(f"no worker serves model {model!r}; available models: {self.list_models()}")
+        return address
+
+    def worker_status(self, url: str | None = None) -> WorkerStatus:
+        """``/worker_get_status`` of ``url`` (default: this client's worker, else its controller)."""
+        target = (url or self.worker_url or self._controller()).rstrip("/")
+        return WorkerStatus.model_validate(self._post(target + "/worker_get_status").json())
+
+    def register_worker(self, worker_name: str, check_heart_beat: bool = False,
+                        worker_status: WorkerStatus | dict[str, Any] | None = None) -> dict[str, Any]:
+        """Register a worker by hand (the controller asks it for its status when ``worker_status`` is None)."""
+        if isinstance(worker_status, WorkerStatus):
+            worker_status = worker_status.model_dump()
+        payload = {"worker_name": worker_name, "check_heart_beat": check_heart_beat, "worker_status": worker_status}
+        resp = self._post(self._controller() + "/register_worker", json=payload, headers=self._auth_headers())
+        try:
+            return resp.json() or {}
+        except ValueError:
+            return {}
+
+    # ------------------------------------------------------------------------------------------------ generation
+    def generate_stream(
+        self,
+        model: str | None,
+        prompt: str,
+        images: Sequence[Any] | None = None,
+        *,
+        temperature: float = 0.2,
+        top_p: float = 0.7,
+        max_new_tokens: int = 512,
+        stop: str | list[str] | None = None,
+        seed: int | None = None,
+        echo: bool = True,
+        via_controller: bool = False,
+        **extra: Any,
+    ) -> Iterator[ClientChunk]:
+        """Stream a generation as :class:`ClientChunk` (cumulative ``text``; ``output`` without the prompt).
+
+        Raises a :class:`ClientError` subclass for error chunks and network failures. Closing the iterator
+        closes the HTTP response (the worker then cancels the generation).
+        """
+        payload: dict[str, Any] = {
+            "model": model, "prompt": prompt, "temperature": temperature, "top_p": top_p,
+            "max_new_tokens": max_new_tokens, "stop": stop, "echo": echo, **extra,
+        }
+        if images:
+            payload["images"] = [encode_image(image) for image in images]
+        if seed is not None:
+            payload["seed"] = seed
+        if self.worker_url and not via_controller:
+            url = self.worker_url + "/worker_generate_stream"
+        elif via_controller:
+            url = self._controller() + "/worker_generate_stream"
+        else:
+            if not model:
+                raise ValueError("model is required to find a worker through the controller")
+            url = self.get_worker_address(model) + "/worker_generate_stream"
+        return self._stream(url, payload, prompt if echo else None)
+
+    def _stream(self, url: str, payload: dict[str, Any], echo_prefix: str | None) -> Iterator[ClientChunk]:
+        try:
+            resp = self.session.post(url, json=payload, stream=True, timeout=self._timeouts)
+        except requests.Timeout as exc:
+            raise ClientTimeoutError(f"{url} did not answer within {self.timeout:g} s") from exc
+        except requests.RequestException as exc:
+            raise ClientConnectionError(f"cannot reach {url}: {exc}") from exc
+        with resp:
+            if resp.status_code != 200:
+                raise self._http_error(url, resp)
+            try:
+                for chunk in iter_chunks(resp.iter_content(chunk_size=None)):
+                    if chunk.error_code:
+                        message = error_cause(chunk)
+                        if chunk.error_code == ErrorCode.CONTROLLER_NO_WORKER:
+                            raise NoWorkerError(message)
+                        raise WorkerError(chunk.error_code, message)
+                    text = chunk.text
+                    if echo_prefix is not None and text.startswith(echo_prefix):
+                        output = text[len(echo_prefix):]
+                    else:
+                        output = text
+                    yield ClientChunk(**chunk.model_dump(), output=output)
+            except requests.Timeout as exc:
+                raise ClientTimeoutError(f"{url} sent nothing for {self.timeout:g} s") from exc
+            except requests.RequestException as exc:
+                if _is_read_timeout(exc):  # requests reports a read timeout inside iter_content as ConnectionError
+                    raise ClientTimeoutError(f"{url} sent nothing for {self.timeout:g} s") from exc
+                raise ClientConnectionError(f"the connection to {url} broke during generation: {exc}") from exc
+            except StreamProtocolError as exc:
+                raise ClientConnectionError(f"the stream from {url} was cut or garbled: {exc}") from exc
+
+    def generate(self, model: str | None, prompt: str, images: Sequence[Any] | None = None, **kwargs: Any) -> str:
+        """The whole generated text (without the prompt)."""
+        output = ""
+        for chunk in self.generate_stream(model, prompt, images, **kwargs):
+            output = chunk.output
+        return output
+
+
+# Kept for callers that split a raw stream themselves.
+DELIMITER = CHUNK_DELIMITER

@@ -1,0 +1,265 @@
+"""Start real controller / worker processes (and in-process uvicorn servers) for tests.
+
+Everything binds 127.0.0.1 on free ports; every wait has a deadline; logs go to files shown on failure.
+
+    group = ProcessGroup(tmp_path)
+    ctrl = group.start_controller("--heart-beat-expiration", "3")
+    w = group.start_worker(ctrl.url, model_name="m", env={"LLAVA_MED_WORKER_HEART_BEAT_INTERVAL": "1"})
+    ...
+    group.stop_all()
+
+For the real engine: ``group.start_worker(ctrl.url, "--model-path", tiny_dir, engine="hf", timeout=180)``
+(no ``--model-path`` is added by these helpers).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import requests
+
+HOST = "127.0.0.1"
+
+#: Short heartbeat timings for tests that restart or kill processes (the ``procs`` fixture uses them).
+FAST_HEARTBEAT_ENV = {
+    "LLAVA_MED_WORKER_HEART_BEAT_INTERVAL": "1",
+    "LLAVA_MED_CONTROLLER_HEART_BEAT_EXPIRATION": "3",
+    "LLAVA_MED_WORKER_API_TIMEOUT": "20",
+}
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0.05,
+               message: str = "condition") -> Any:
+    """Poll ``predicate`` until it returns a truthy value (returned) or ``timeout`` seconds pass (AssertionError).
+
+    Exceptions raised by the predicate count as "not yet"; the last one is reported on timeout.
+    """
+    deadline = time.monotonic() + timeout
+    last_exc: BaseException | None = None
+    while True:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception as exc:  # noqa: BLE001
+            last_exc = exc
+        if time.monotonic() >= deadline:
+            detail = f" (last error: {type(last_exc).__name__}: {last_exc})" if last_exc else ""
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {message}{detail}")
+        time.sleep(interval)
+
+
+@dataclass
+class ServerProcess:
+    """A server started as a subprocess; ``url`` is http://127.0.0.1:<port>."""
+
+    name: str
+    port: int
+    argv: list[str]
+    log_path: Path
+    env: dict[str, str]
+    proc: subprocess.Popen[bytes] | None = None
+    _log_file: Any = field(default=None, repr=False)
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self) -> ServerProcess:
+        self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            self.argv, stdout=self._log_file, stderr=subprocess.STDOUT, env=self.env, stdin=subprocess.DEVNULL,
+        )
+        return self
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_text(self, tail: int | None = 200) -> str:
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return "\n".join(lines[-tail:] if tail else lines)
+
+    def wait_healthy(self, timeout: float = 30.0) -> ServerProcess:
+        """Wait until ``GET /health`` answers 200; fail early, with the log, if the process exits."""
+        deadline = time.monotonic() + timeout
+        last = "no answer"
+        while time.monotonic() < deadline:
+            if not self.alive():
+                raise RuntimeError(
+                    f"{self.name} exited with status {self.proc.returncode if self.proc else None} before it was "
+                    f"healthy; log {self.log_path}:\n{self.log_text()}"
+                )
+            try:
+                resp = requests.get(self.url + "/health", timeout=2)
+                if resp.status_code == 200:
+                    return self
+                last = f"HTTP {resp.status_code} {resp.text[:200]}"
+            except requests.RequestException as exc:
+                last = f"{type(exc).__name__}"
+            time.sleep(0.05)
+        raise RuntimeError(f"{self.name} not healthy after {timeout:g} s ({last}); log:\n{self.log_text()}")
+
+    def kill(self) -> None:
+        """SIGKILL (a crash) and reap."""
+        if self.alive():
+            assert self.proc is not None
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=10)
+        self._close_log()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM, then SIGKILL after ``timeout`` seconds."""
+        if self.alive():
+            assert self.proc is not None
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self._close_log()
+
+    def _close_log(self) -> None:
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+
+
+def _base_env(env: Mapping[str, str] | None) -> dict[str, str]:
+    merged = dict(os.environ)
+    merged["PYTHONUNBUFFERED"] = "1"
+    for key in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        merged.pop(key, None)
+    merged["NO_PROXY"] = merged["no_proxy"] = "127.0.0.1,localhost"
+    if env:
+        merged.update(env)
+    return merged
+
+
+class ProcessGroup:
+    """Starts servers as subprocesses, remembers them, and stops them all (``stop_all``)."""
+
+    def __init__(self, log_dir: Path, env: Mapping[str, str] | None = None) -> None:
+        self.log_dir = Path(log_dir)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.env = dict(env or {})
+        self.processes: list[ServerProcess] = []
+        self._count = 0
+
+    def _start(self, name: str, module: str, port: int | None, args: Sequence[str],
+               env: Mapping[str, str] | None, wait: bool, timeout: float) -> ServerProcess:
+        port = port or free_port()
+        self._count += 1
+        argv = [sys.executable, "-m", module, "--host", HOST, "--port", str(port), *args]
+        proc = ServerProcess(
+            name=f"{name}:{port}", port=port, argv=argv,
+            log_path=self.log_dir / f"{self._count:02d}-{name}-{port}.log",
+            env=_base_env({**self.env, **(env or {})}),
+        )
+        self.processes.append(proc)
+        proc.start()
+        if wait:
+            proc.wait_healthy(timeout)
+        return proc
+
+    def start_module(self, name: str, module: str, *args: str, port: int | None = None,
+                     env: Mapping[str, str] | None = None, wait: bool = True, timeout: float = 30.0) -> ServerProcess:
+        """``python -m MODULE --host 127.0.0.1 --port P *args`` (any server with a ``/health`` endpoint)."""
+        return self._start(name, module, port, args, env, wait, timeout)
+
+    def start_controller(self, *args: str, port: int | None = None, env: Mapping[str, str] | None = None,
+                         wait: bool = True, timeout: float = 30.0) -> ServerProcess:
+        """``python -m llava_med.serve.controller --host 127.0.0.1 --port P *args``."""
+        return self._start("controller", "llava_med.serve.controller", port, args, env, wait, timeout)
+
+    def start_worker(self, controller_url: str | None, *args: str, engine: str = "fake",
+                     model_name: str | None = None, port: int | None = None,
+                     env: Mapping[str, str] | None = None, wait: bool = True,
+                     timeout: float = 30.0) -> ServerProcess:
+        """``python -m llava_med.serve.model_worker --engine E ...``; ``controller_url=None`` adds --no-register.
+
+        The worker advertises http://127.0.0.1:P. Extra ``args`` go last (e.g. ``--model-path``).
+        """
+        port = port or free_port()
+        full = ["--engine", engine, "--worker-address", f"http://{HOST}:{port}"]
+        if controller_url:
+            full += ["--controller-address", controller_url]
+        else:
+            full += ["--no-register"]
+        if model_name:
+            full += ["--model-name", model_name]
+        full += list(args)
+        return self._start("worker", "llava_med.serve.model_worker", port, full, env, wait, timeout)
+
+    def stop_all(self) -> None:
+        for proc in reversed(self.processes):
+            with contextlib.suppress(Exception):
+                proc.stop()
+
+    def logs(self, tail: int = 80) -> str:
+        parts = []
+        for proc in self.processes:
+            parts.append(f"----- {proc.name} ({proc.log_path}) -----\n{proc.log_text(tail)}")
+        return "\n".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# In-process server (for tests that need to look inside the engine while talking real HTTP)
+
+
+class ThreadedServer:
+    """Run an ASGI app with uvicorn in a background thread on a free port (lifespan included)."""
+
+    def __init__(self, app: Any, port: int | None = None) -> None:
+        import uvicorn
+
+        self.port = port or free_port()
+        config = uvicorn.Config(app, host=HOST, port=self.port, log_level="warning", lifespan="on",
+                                timeout_graceful_shutdown=2)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, name=f"uvicorn-{self.port}", daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    def __enter__(self) -> ThreadedServer:
+        self.thread.start()
+        wait_until(lambda: self.server.started, timeout=15, message="in-process server start")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+@contextlib.contextmanager
+def threaded_server(app: Any) -> Iterator[ThreadedServer]:
+    with ThreadedServer(app) as server:
+        yield server

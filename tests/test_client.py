@@ -1,0 +1,170 @@
+"""LlavaMedClient against in-process controller and worker servers (real HTTP on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import base64
+import io
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+from PIL import Image
+from servers import ThreadedServer, free_port, wait_until
+
+from llava_med.serve.client import (
+    ClientChunk,
+    ClientConnectionError,
+    ClientError,
+    ClientTimeoutError,
+    LlavaMedClient,
+    NoWorkerError,
+    WorkerError,
+    encode_image,
+)
+from llava_med.serve.controller import Controller
+from llava_med.serve.controller import create_app as create_controller_app
+from llava_med.serve.fake_engine import FakeEngine
+from llava_med.serve.model_worker import ModelWorker
+from llava_med.serve.model_worker import create_app as create_worker_app
+from llava_med.serve.protocol import ErrorCode
+
+PROMPT = "[INST] <image>\nDescribe the scan. [/INST]"
+ANSWER = "This is a fake answer about: Describe the scan. (end)"
+
+
+@dataclass
+class Stack:
+    controller_url: str
+    worker_url: str
+    engine: FakeEngine
+    worker: ModelWorker
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[Stack]:
+    controller = Controller(heart_beat_expiration=30)
+    with ThreadedServer(create_controller_app(controller)) as ctrl:
+        port = free_port()
+        engine = FakeEngine(["fake-med"], token_delay=0.005)
+        worker = ModelWorker(engine, worker_addr=f"http://127.0.0.1:{port}", controller_addr=ctrl.url,
+                             heart_beat_interval=5)
+        with ThreadedServer(create_worker_app(worker), port=port) as wrk:
+            wait_until(lambda: controller.list_models() == ["fake-med"], 10, message="worker registered")
+            yield Stack(ctrl.url, wrk.url, engine, worker)
+
+
+def png_image() -> Image.Image:
+    return Image.new("RGB", (8, 8), (200, 10, 10))
+
+
+def test_controller_queries(stack):
+    client = LlavaMedClient(stack.controller_url)
+    client.refresh_all_workers()
+    assert client.list_models() == ["fake-med"]
+    assert client.get_worker_address("fake-med") == stack.worker_url
+    with pytest.raises(NoWorkerError, match=r"'nope'.*fake-med"):
+        client.get_worker_address("nope")
+    assert client.worker_status().model_names == ["fake-med"]  # the controller's aggregated status
+    assert client.worker_status(stack.worker_url).model_names == ["fake-med"]
+
+
+@pytest.mark.parametrize("route", ["dispatch", "relay", "direct"])
+def test_generate_stream_routes(stack, route):
+    if route == "direct":
+        client, kwargs = LlavaMedClient(worker_url=stack.worker_url), {}
+    else:
+        client, kwargs = LlavaMedClient(stack.controller_url), {"via_controller": route == "relay"}
+    chunks = list(client.generate_stream("fake-med", PROMPT, [png_image()], **kwargs))
+    assert all(isinstance(c, ClientChunk) for c in chunks)
+    assert chunks[0].output == "This" and chunks[-1].output == ANSWER
+    assert chunks[-1].text == PROMPT + ANSWER and chunks[-1].finish_reason == "stop"
+    assert chunks[-1].usage["completion_tokens"] == 10
+
+
+def test_generate_with_each_image_kind_and_echo_off(stack):
+    client = LlavaMedClient(worker_url=stack.worker_url)
+    raw = b"\x89PNG raw bytes"
+    b64 = base64.b64encode(raw).decode()
+    prompt = "[INST] <image>\n<image>\n<image>\nCompare. [/INST]"
+    out = client.generate("fake-med", prompt, [png_image(), raw, b64], echo=False)
+    assert out.endswith("Compare. (end)")
+    sent = stack.engine.requests[-1]
+    assert sent.images[1:] == [b64, b64] and sent.echo is False
+    decoded = Image.open(io.BytesIO(base64.b64decode(sent.images[0])))
+    assert decoded.size == (8, 8)
+
+
+def test_encode_image_rejects_other_types():
+    with pytest.raises(TypeError, match="PIL images, bytes or base64"):
+        encode_image(3.14)
+
+
+def test_error_chunks_raise_typed_errors(stack):
+    direct = LlavaMedClient(worker_url=stack.worker_url)
+    with pytest.raises(WorkerError) as info:
+        list(direct.generate_stream("fake-med", PROMPT, images=None))
+    assert info.value.code == ErrorCode.IMAGE_COUNT_MISMATCH
+    assert "1 <image> tag(s) but 0 image(s)" in info.value.message
+    with pytest.raises(WorkerError) as info:
+        direct.generate("fake-med", "hi", max_new_tokens=-1)
+    assert info.value.error_code is ErrorCode.PARAM_OUT_OF_RANGE
+    relay = LlavaMedClient(stack.controller_url)
+    with pytest.raises(NoWorkerError, match="'missing'"):
+        list(relay.generate_stream("missing", "hi", via_controller=True))
+    with pytest.raises(NoWorkerError):
+        relay.generate("missing", "hi")
+
+
+def test_connection_errors():
+    dead = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(ClientConnectionError, match="cannot reach"):
+        LlavaMedClient(dead).list_models()
+    with pytest.raises(ClientConnectionError):
+        list(LlavaMedClient(worker_url=dead).generate_stream("m", "hi"))
+    with pytest.raises(ValueError):
+        LlavaMedClient()
+
+
+def test_timeout_while_waiting_for_tokens():
+    worker = ModelWorker(FakeEngine(["slow"], token_delay=3), no_register=True)
+    with ThreadedServer(create_worker_app(worker)) as server:
+        wait_until(lambda: worker.ready, 5, message="ready")
+        client = LlavaMedClient(worker_url=server.url, timeout=0.5)
+        with pytest.raises(ClientTimeoutError):
+            list(client.generate_stream("slow", "hi"))
+        # The worker notices the client left and frees the slot.
+        wait_until(lambda: worker.queue_length() == 0, 10, message="slot freed")
+    assert issubclass(ClientTimeoutError, ClientError)
+
+
+def test_closing_the_generator_closes_the_response_and_cancels(stack):
+    client = LlavaMedClient(worker_url=stack.worker_url)
+    before = stack.engine.cancelled
+    gen = client.generate_stream("fake-med", "hi", ignore_eos=True, max_new_tokens=1000)
+    assert next(gen).output == "This"
+    gen.close()
+    wait_until(lambda: stack.engine.cancelled == before + 1 and stack.worker.queue_length() == 0, 5,
+               message="cancelled on the worker")
+
+
+def test_register_worker_by_hand(stack):
+    client = LlavaMedClient(stack.controller_url)
+    answer = client.register_worker(stack.worker_url, check_heart_beat=False)
+    assert answer["worker_status"]["model_names"] == ["fake-med"]
+    with pytest.raises(WorkerError, match=r"HTTP 400.*cannot register"):
+        client.register_worker(f"http://127.0.0.1:{free_port()}")
+
+
+def test_controller_registers_with_another_controller(stack):
+    """A controller answers /worker_get_status like a worker, so a parent controller can nest it."""
+    parent = Controller(heart_beat_expiration=30)
+    with ThreadedServer(create_controller_app(parent)) as server:
+        client = LlavaMedClient(server.url)
+        answer = client.register_worker(stack.controller_url, check_heart_beat=False)  # status asked to the child
+        assert answer["worker_status"]["model_names"] == ["fake-med"]
+        assert client.list_models() == ["fake-med"]
+        assert client.get_worker_address("fake-med") == stack.controller_url
+        # parent relay -> child relay -> worker
+        assert client.generate("fake-med", PROMPT, [png_image()], via_controller=True) == ANSWER
+        # parent dispatch -> child address, which streams like a worker
+        assert client.generate("fake-med", PROMPT, [png_image()]) == ANSWER
