@@ -153,10 +153,12 @@ def prepare_prompt(
     image_mode: str | None = None,
     limits: ImageLimits | None = None,
     allow_url: bool = False,
+    allow_path: bool = True,
 ) -> PreparedPrompt:
     """Check and tokenise ``prompt``, decode and preprocess ``images``, and fit ``max_new_tokens`` to the context.
 
     Raises typed errors (image count mismatch, bad image, context overflow) with messages that name the cause.
+    Servers pass ``allow_path=False`` so that image strings from requests are never read as local file names.
     """
     if not isinstance(prompt, str) or not prompt:
         raise BadRequestError("prompt must be a non-empty string")
@@ -174,7 +176,7 @@ def prepare_prompt(
     pixel_values = None
     if images:
         mode = normalize_aspect_mode(image_mode, loaded.image_aspect_ratio)
-        pil_images = [load_image(src, limits=limits, allow_url=allow_url) for src in images]
+        pil_images = [load_image(src, limits=limits, allow_url=allow_url, allow_path=allow_path) for src in images]
         pixel_values = process_images(pil_images, loaded.image_processor, mode)
     return PreparedPrompt(
         input_ids=input_ids,
@@ -193,6 +195,46 @@ class GenerationUpdate:
     num_prompt_tokens: int
     num_generated_tokens: int
     token_ids: tuple[int, ...] = ()  # every generated token, on the final update only
+
+
+class SequenceState:
+    """Decoding state of one request: samples its next token from a row of logits, assembles its text and
+    decides when it ends. The single-request loop below and the worker's batching engine both drive it."""
+
+    def __init__(self, prepared: PreparedPrompt, params: SamplingParams, tokenizer) -> None:
+        self.prepared = prepared
+        self.params = params
+        self.sampler = TokenSampler(params)
+        self.assembler = TextAssembler(tokenizer, params.stop)
+        self.eos_id = tokenizer.eos_token_id
+        self.limit = min(params.max_new_tokens, prepared.max_new_tokens)
+        self.generated = 0
+        self.finish_reason: str | None = None
+        self.last_token: int | None = None
+
+    def advance(self, logits: torch.Tensor) -> bool:
+        """Sample one token from ``logits`` (``[V]``); returns True while the request goes on."""
+        token = self.sampler(logits)
+        self.generated += 1
+        self.last_token = token
+        if token == self.eos_id and not self.params.ignore_eos:
+            self.finish_reason = "stop"
+        elif self.assembler.add(token):
+            self.finish_reason = "stop"
+        elif self.generated >= self.limit:
+            self.finish_reason = "length"
+        return self.finish_reason is None
+
+    def cancel(self) -> None:
+        if self.finish_reason is None:
+            self.finish_reason = "cancelled"
+
+    def update(self) -> GenerationUpdate:
+        """The state to stream now (the final text and token ids once finished)."""
+        if self.finish_reason is None:
+            return GenerationUpdate(self.assembler.text, None, self.prepared.num_prompt_tokens, self.generated)
+        return GenerationUpdate(self.assembler.final_text, self.finish_reason, self.prepared.num_prompt_tokens,
+                                self.generated, tuple(self.assembler.token_ids))
 
 
 @torch.inference_mode()
@@ -214,32 +256,16 @@ def generate_stream(
     embeds = model.embed_prompt(prepared.input_ids, features).unsqueeze(0)
     cache = DynamicCache(config=model.config)
     out = model(inputs_embeds=embeds, cache=cache, logits_to_keep=1)
-    sampler = TokenSampler(params)
-    assembler = TextAssembler(loaded.tokenizer, params.stop)
-    eos_id = loaded.tokenizer.eos_token_id
-    limit = min(params.max_new_tokens, prepared.max_new_tokens)
-    generated = 0
-    finish: str | None = None
-    while finish is None:
+    state = SequenceState(prepared, params, loaded.tokenizer)
+    while True:
         if is_cancelled is not None and is_cancelled():
-            finish = "cancelled"
+            state.cancel()
             break
-        token = sampler(out.logits[0, -1])
-        generated += 1
-        if token == eos_id and not params.ignore_eos:
-            finish = "stop"
+        if not state.advance(out.logits[0, -1]):
             break
-        if assembler.add(token):
-            finish = "stop"
-        elif generated >= limit:
-            finish = "length"
-        else:
-            yield GenerationUpdate(assembler.text, None, prepared.num_prompt_tokens, generated)
-            next_ids = torch.tensor([[token]], device=model.device)
-            out = model(input_ids=next_ids, cache=cache)
-    yield GenerationUpdate(
-        assembler.final_text, finish, prepared.num_prompt_tokens, generated, tuple(assembler.token_ids)
-    )
+        yield state.update()
+        out = model(input_ids=torch.tensor([[state.last_token]], device=model.device), cache=cache)
+    yield state.update()
 
 
 def generate(

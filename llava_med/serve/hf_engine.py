@@ -1,0 +1,427 @@
+"""The transformers engine: one loaded LLaVA-Med model serving every request of a worker, batched per step.
+
+A scheduler thread owns the model. Each iteration it admits waiting requests (prefill: vision tower for images not
+seen before, projector, prompt; bounded by a prompt-token budget), then runs one decode step for the whole running
+batch (:class:`llava_med.model.batching.DecodeBatch`). A request joins the batch right after its prefill and leaves
+as soon as it finishes, is stopped or is cancelled; each row samples with its own temperature, top-p, seed and stop
+strings (:class:`llava_med.model.generation.SequenceState`). ``max_batch_size=1`` runs one request at a time.
+
+The event loop never waits on the model: requests are prepared (images decoded, prompt tokenised) in a worker
+thread, handed to the scheduler through a locked deque, and their outputs come back through
+``loop.call_soon_threadsafe``. An exception while prefilling a request fails that request only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import logging
+import threading
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from llava_med.constants import ErrorCode
+from llava_med.errors import LlavaMedError
+from llava_med.model.builder import LoadConfig, LoadedModel, load_pretrained_model
+from llava_med.model.generation import PreparedPrompt, SamplingParams, SequenceState, prepare_prompt
+from llava_med.model.image_processing import ImageLimits
+from llava_med.model.prompting import normalize_stop
+from llava_med.serve.engine import Engine, GenerateOutput
+from llava_med.serve.protocol import GenerateRequest
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    """Scheduler limits (worker flags ``--max-batch-size``, ``--max-queue``, ``--max-prefill-tokens``, ...)."""
+
+    max_batch_size: int = 16
+    max_queue: int = 256
+    max_prefill_tokens: int = 4096
+    image_cache_size: int = 64
+    allow_image_urls: bool = False
+    image_limits: ImageLimits = field(default_factory=ImageLimits)
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_size", "max_queue", "max_prefill_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.image_cache_size < 0:
+            raise ValueError(f"image_cache_size must be >= 0, got {self.image_cache_size}")
+
+
+class EngineBusyError(LlavaMedError):
+    code = ErrorCode.ENGINE_OVERLOADED
+
+
+class EngineStoppedError(LlavaMedError):
+    code = ErrorCode.INTERNAL_ERROR
+
+
+@dataclass
+class _Request:
+    rid: int
+    prepared: PreparedPrompt
+    state: SequenceState
+    image_keys: list[str]
+    loop: asyncio.AbstractEventLoop
+    outputs: asyncio.Queue
+    cancelled: bool = False
+    steps: int = 0  # decode steps this request took part in
+
+    def emit(self, item: Any) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.outputs.put_nowait, item)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            pass
+
+
+@dataclass
+class EngineStats:
+    """Counters for tests, benchmarks and /metrics."""
+
+    steps: int = 0
+    prefills: int = 0
+    vision_images_encoded: int = 0
+    vision_cache_hits: int = 0
+    finished: int = 0
+    cancelled: int = 0
+    failed: int = 0
+    max_running: int = 0
+    # (request id, finish reason, decode steps taken, generated token ids) of the latest finished requests.
+    recent: deque = field(default_factory=lambda: deque(maxlen=1000))
+
+
+class FeatureCache:
+    """Bounded LRU of projected image features, keyed by a hash of the preprocessed pixels."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._items: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    def get(self, key: str) -> torch.Tensor | None:
+        value = self._items.get(key)
+        if value is not None:
+            self._items.move_to_end(key)
+        return value
+
+    def put(self, key: str, value: torch.Tensor) -> None:
+        if self.capacity == 0:
+            return
+        self._items[key] = value
+        self._items.move_to_end(key)
+        while len(self._items) > self.capacity:
+            self._items.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def pixel_key(pixels: torch.Tensor) -> str:
+    """Content hash of one preprocessed image (same bytes and mode give the same key)."""
+    return hashlib.sha256(pixels.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
+class HFEngine(Engine):
+    """Continuous-batching engine over :func:`llava_med.model.builder.load_pretrained_model`."""
+
+    def __init__(
+        self,
+        load_config: LoadConfig,
+        *,
+        model_name: str | None = None,
+        conv_mode: str | None = None,
+        batching: BatchingConfig | None = None,
+        loaded: LoadedModel | None = None,
+    ) -> None:
+        self.load_config = load_config
+        self.batching = batching or BatchingConfig()
+        self._model_name = model_name or load_config.model_name
+        self._conv_mode = conv_mode or load_config.conv_mode
+        self.loaded: LoadedModel | None = loaded
+        self.stats = EngineStats()
+        self._features = FeatureCache(self.batching.image_cache_size)
+        self._lock = threading.Lock()
+        self._wakeup = threading.Condition(self._lock)
+        self._waiting: deque[_Request] = deque()
+        self._running: dict[int, _Request] = {}
+        self._preparing = 0
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._ids = itertools.count(1)
+        self._default_stop: str | None = None
+
+    # ----- Engine interface -----
+    @property
+    def model_names(self) -> list[str]:  # type: ignore[override]
+        if self._model_name:
+            return [self._model_name]
+        if self.loaded is not None:
+            return [self.loaded.model_name]
+        from llava_med.model.builder import model_name_from_path
+
+        return [model_name_from_path(self.load_config.model_path or "llava-med-tiny-mistral")]
+
+    @property
+    def ready(self) -> bool:
+        return self.loaded is not None and self._thread is not None and self._thread.is_alive()
+
+    @property
+    def context_length(self) -> int:
+        return self.loaded.context_len if self.loaded is not None else 0
+
+    async def start(self) -> None:
+        if self.loaded is None:
+            self.loaded = await asyncio.to_thread(load_pretrained_model, self.load_config)
+            if self.load_config.model_path is None:
+                logger.warning("serving the embedded tiny random-weight checkpoint (answers are noise); "
+                               "pass --model-path for a real model")
+        from llava_med.conversation import conv_mode_for_config, get_conv_template
+
+        conv_mode = self._conv_mode or conv_mode_for_config(self.loaded.config)
+        self._default_stop = get_conv_template(conv_mode).stop_str
+        self._thread = threading.Thread(target=self._run, name="hf-engine-scheduler", daemon=True)
+        self._thread.start()
+        logger.info("engine ready: %s, max batch %d, conv template %s", self.model_names[0],
+                    self.batching.max_batch_size, conv_mode)
+
+    async def shutdown(self) -> None:
+        with self._wakeup:
+            self._stopping = True
+            self._wakeup.notify_all()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 30)
+
+    def queue_length(self) -> int:
+        with self._lock:
+            return self._preparing + len(self._waiting) + len(self._running)
+
+    def count_tokens(self, prompt: str) -> int:
+        from llava_med.model.prompting import tokenizer_image_token
+
+        if self.loaded is None:
+            raise EngineStoppedError("the model is not loaded yet")
+        ids = tokenizer_image_token(prompt, self.loaded.tokenizer)
+        images = prompt.count("<image>")
+        return len(ids) + images * (self.loaded.model.num_image_tokens - 1)
+
+    def sampling_params(self, request: GenerateRequest) -> SamplingParams:
+        stop = normalize_stop(request.stop) if request.stop is not None else normalize_stop(None, self._default_stop)
+        return SamplingParams(
+            temperature=float(request.temperature),
+            top_p=float(request.top_p),
+            max_new_tokens=int(request.max_new_tokens),
+            stop=stop,
+            seed=request.seed,
+            ignore_eos=bool(request.ignore_eos),
+        )
+
+    async def generate_stream(self, request: GenerateRequest) -> AsyncIterator[GenerateOutput]:
+        if not self.ready:
+            raise EngineStoppedError("the model is not loaded (or the engine stopped)")
+        params = self.sampling_params(request)
+        with self._lock:
+            if len(self._waiting) + self._preparing >= self.batching.max_queue:
+                raise EngineBusyError(
+                    f"the worker is busy: {len(self._waiting) + self._preparing} requests are already waiting "
+                    f"(--max-queue {self.batching.max_queue}); try again shortly"
+                )
+            self._preparing += 1
+        try:
+            prepared, keys = await asyncio.to_thread(self._prepare, request, params)
+        finally:
+            with self._lock:
+                self._preparing -= 1
+        loop = asyncio.get_running_loop()
+        req = _Request(next(self._ids), prepared, SequenceState(prepared, params, self.loaded.tokenizer), keys,
+                       loop, asyncio.Queue())
+        with self._wakeup:
+            if self._stopping:
+                raise EngineStoppedError("the engine is shutting down")
+            self._waiting.append(req)
+            self._wakeup.notify_all()
+        finished = False
+        try:
+            while True:
+                item = await req.outputs.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                yield GenerateOutput(item.text, item.finish_reason, item.num_prompt_tokens,
+                                     item.num_generated_tokens, item.token_ids)
+                if item.finish_reason is not None:
+                    finished = True
+                    return
+        finally:
+            if not finished:
+                self.cancel(req.rid)
+
+    def cancel(self, rid: int) -> None:
+        """Cancel a request: it leaves the batch before the next step and its slot is free."""
+        with self._wakeup:
+            for req in itertools.chain(self._waiting, self._running.values()):
+                if req.rid == rid:
+                    req.cancelled = True
+            self._wakeup.notify_all()
+
+    # ----- scheduler thread -----
+    def _prepare(self, request: GenerateRequest, params: SamplingParams) -> tuple[PreparedPrompt, list[str]]:
+        prepared = prepare_prompt(
+            self.loaded,
+            request.prompt,
+            request.images or [],
+            max_new_tokens=params.max_new_tokens,
+            image_mode=request.image_process_mode,
+            limits=self.batching.image_limits,
+            allow_url=self.batching.allow_image_urls,
+            allow_path=False,
+        )
+        keys = [] if prepared.pixel_values is None else [pixel_key(p) for p in prepared.pixel_values]
+        return prepared, keys
+
+    def _run(self) -> None:
+        from llava_med.model.batching import DecodeBatch
+
+        batch = DecodeBatch(self.loaded.model)
+        while True:
+            with self._wakeup:
+                while not self._stopping and not self._waiting and not self._running:
+                    self._wakeup.wait()
+                if self._stopping:
+                    break
+                admitted = self._take_admissible(len(batch))
+            try:
+                self._step(batch, admitted)
+            except Exception:  # a bug in the loop itself: fail everyone, start over, keep serving
+                logger.exception("engine step failed")
+                self._fail_all(batch, "engine step failed")
+                batch = DecodeBatch(self.loaded.model)
+        self._fail_all(batch, "the engine shut down")
+        with self._lock:
+            for req in self._waiting:
+                req.emit(EngineStoppedError("the engine shut down"))
+            self._waiting.clear()
+
+    def _take_admissible(self, running: int) -> list[_Request]:
+        """Waiting requests that fit in the batch and this iteration's prefill budget (at least one)."""
+        out: list[_Request] = []
+        budget = self.batching.max_prefill_tokens
+        while self._waiting and running + len(out) < self.batching.max_batch_size:
+            nxt = self._waiting[0]
+            if out and nxt.prepared.num_prompt_tokens > budget:
+                break
+            budget -= nxt.prepared.num_prompt_tokens
+            out.append(self._waiting.popleft())
+            self._running[nxt.rid] = nxt
+        return out
+
+    def _step(self, batch, admitted: list[_Request]) -> None:
+        for req in admitted:
+            if req.cancelled:
+                self._finish(req, cancelled=True)
+                continue
+            try:
+                embeds = self._embed(req)
+                logits, cache = batch.prefill(embeds)
+                self.stats.prefills += 1
+            except Exception as exc:
+                logger.exception("prefill failed for request %d", req.rid)
+                self._fail(req, exc)
+                continue
+            if req.state.advance(logits):
+                req.emit(req.state.update())
+                batch.add(req.rid, cache, embeds.shape[0])
+            else:
+                self._finish(req)
+        with self._lock:
+            gone = [rid for rid in batch.row_ids if self._running[rid].cancelled]
+            self.stats.max_running = max(self.stats.max_running, len(batch) - len(gone))
+        for rid in gone:
+            self._finish(self._running[rid], cancelled=True)
+        batch.remove(gone)
+        if not len(batch):
+            return
+        rows = [self._running[rid] for rid in batch.row_ids]
+        try:
+            logits = batch.step([r.state.last_token for r in rows]).float().cpu()
+        except Exception as exc:  # e.g. out of memory: every row of this step fails, the engine goes on
+            logger.exception("decode step failed for %d requests", len(rows))
+            for r in rows:
+                self._fail(r, exc)
+            batch.remove([r.rid for r in rows])
+            return
+        self.stats.steps += 1
+        done = []
+        for i, r in enumerate(rows):
+            r.steps += 1
+            if r.state.advance(logits[i]):
+                r.emit(r.state.update())
+            else:
+                done.append(r.rid)
+                self._finish(r)
+        batch.remove(done)
+
+    def _embed(self, req: _Request) -> torch.Tensor:
+        model = self.loaded.model
+        feats: list[torch.Tensor | None] = [self._features.get(k) for k in req.image_keys]
+        missing = [i for i, f in enumerate(feats) if f is None]
+        self.stats.vision_cache_hits += len(feats) - len(missing)
+        if missing:
+            encoded = model.encode_images(req.prepared.pixel_values[missing])
+            self.stats.vision_images_encoded += len(missing)
+            for j, i in enumerate(missing):
+                feats[i] = encoded[j]
+                self._features.put(req.image_keys[i], encoded[j])
+        return model.embed_prompt(req.prepared.input_ids, feats)
+
+    def _finish(self, req: _Request, *, cancelled: bool = False) -> None:
+        if cancelled:
+            req.state.cancel()
+            self.stats.cancelled += 1
+        else:
+            self.stats.finished += 1
+        final = req.state.update()
+        self.stats.recent.append((req.rid, final.finish_reason, req.steps, final.token_ids))
+        req.emit(final)
+        with self._lock:
+            self._running.pop(req.rid, None)
+
+    def _fail(self, req: _Request, exc: BaseException) -> None:
+        self.stats.failed += 1
+        if isinstance(exc, torch.OutOfMemoryError):
+            err: BaseException = LlavaMedError(f"out of memory while generating: {exc}", code=ErrorCode.OUT_OF_MEMORY)
+        elif isinstance(exc, LlavaMedError):
+            err = exc
+        else:
+            err = LlavaMedError(f"generation failed: {type(exc).__name__}: {exc}")
+        req.emit(err)
+        with self._lock:
+            self._running.pop(req.rid, None)
+
+    def _fail_all(self, batch, reason: str) -> None:
+        with self._lock:
+            running = list(self._running.values())
+        for req in running:
+            self._fail(req, EngineStoppedError(reason))
+        batch.remove(list(batch.row_ids))
+
+
+def engine_from_args(args) -> HFEngine:
+    """Build the engine from the worker's parsed flags."""
+    from llava_med.serve.args import load_config_from_args
+
+    batching = BatchingConfig(
+        max_batch_size=args.max_batch_size,
+        max_queue=args.max_queue,
+        max_prefill_tokens=args.max_prefill_tokens,
+        image_cache_size=args.image_cache_size,
+        allow_image_urls=args.allow_image_urls,
+    )
+    return HFEngine(load_config_from_args(args), model_name=args.model_name, conv_mode=args.conv_mode,
+                    batching=batching)

@@ -1,0 +1,232 @@
+"""The continuous-batching engine on the tiny real model: parity with single runs, cancellation, seeds, caching."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import time
+
+import pytest
+from PIL import Image, ImageDraw
+
+from llava_med.constants import ErrorCode
+from llava_med.errors import LlavaMedError
+from llava_med.model.builder import LoadConfig
+from llava_med.model.generation import SamplingParams, generate_stream, prepare_prompt
+from llava_med.serve.hf_engine import BatchingConfig, EngineBusyError, HFEngine
+from llava_med.serve.protocol import GenerateRequest
+
+DEADLINE = 60.0
+
+
+def _b64_image(seed: int) -> str:
+    img = Image.new("RGB", (90 + 7 * seed, 70 + 3 * seed), (20 * seed % 255, 120, 200 - 10 * seed))
+    ImageDraw.Draw(img).ellipse((10, 10, 50 + seed, 40 + seed), fill=(230, 220, 40 * seed % 255))
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _mixed_requests(n: int = 8, **overrides) -> list[GenerateRequest]:
+    reqs = []
+    for i in range(n):
+        base = {"temperature": 0.0, "max_new_tokens": 12 + 3 * i, "ignore_eos": True}
+        base.update(overrides)
+        if i % 2 == 0:
+            reqs.append(GenerateRequest(prompt="[INST] <image>\n" + "Describe the finding. " * (1 + i) + "[/INST]",
+                                        images=[_b64_image(i)], **base))
+        else:
+            reqs.append(GenerateRequest(prompt="[INST] " + "Is the heart enlarged? " * (2 * i) + "[/INST]", **base))
+    return reqs
+
+
+def _alone(loaded, engine: HFEngine, req: GenerateRequest) -> tuple[str, tuple[int, ...]]:
+    prepared = prepare_prompt(loaded, req.prompt, req.images or [], max_new_tokens=req.max_new_tokens)
+    final = list(generate_stream(loaded, prepared, engine.sampling_params(req)))[-1]
+    return final.text, final.token_ids
+
+
+async def _collect(engine: HFEngine, req: GenerateRequest, delay: float = 0.0):
+    await asyncio.sleep(delay)
+    outputs = [o async for o in engine.generate_stream(req)]
+    return outputs
+
+
+def _run(coro_fn, loaded, **batching):
+    async def main():
+        engine = HFEngine(LoadConfig(), loaded=loaded, batching=BatchingConfig(**batching))
+        await engine.start()
+        try:
+            return await asyncio.wait_for(coro_fn(engine), DEADLINE)
+        finally:
+            await engine.shutdown()
+
+    return asyncio.run(main())
+
+
+def test_batched_greedy_equals_each_request_alone(tiny_loaded):
+    reqs = _mixed_requests(8)
+
+    async def body(engine):
+        results = await asyncio.gather(*[_collect(engine, r, delay=0.02 * i) for i, r in enumerate(reqs)])
+        return engine, results
+
+    engine, results = _run(body, tiny_loaded, max_batch_size=8)
+    assert engine.stats.max_running >= 4, "requests really ran together"
+    for req, outputs in zip(reqs, results):
+        final = outputs[-1]
+        text, tokens = _alone(tiny_loaded, engine, req)
+        assert final.finish_reason == "length"
+        assert final.token_ids == tokens
+        assert final.text == text
+        texts = [o.text for o in outputs]
+        assert all(b.startswith(a) for a, b in zip(texts, texts[1:]))
+
+
+def test_max_batch_size_one_runs_one_at_a_time(tiny_loaded):
+    reqs = _mixed_requests(3)
+
+    async def body(engine):
+        return engine, await asyncio.gather(*[_collect(engine, r) for r in reqs])
+
+    engine, results = _run(body, tiny_loaded, max_batch_size=1)
+    assert engine.stats.max_running == 1
+    for req, outputs in zip(reqs, results):
+        assert outputs[-1].token_ids == _alone(tiny_loaded, engine, req)[1]
+
+
+def test_cancelled_request_leaves_within_one_step_others_unchanged(tiny_loaded):
+    reqs = _mixed_requests(4)
+    victim = GenerateRequest(prompt="[INST] <image>\nDescribe everything. [/INST]", images=[_b64_image(9)],
+                             temperature=0.0, max_new_tokens=500, ignore_eos=True)
+
+    async def body(engine):
+        others = [asyncio.create_task(_collect(engine, r)) for r in reqs]
+        stream = engine.generate_stream(victim)
+        seen = 0
+        async for _ in stream:
+            seen += 1
+            if seen == 3:
+                break
+        steps_at_cancel = engine.stats.steps
+        await stream.aclose()
+        results = await asyncio.gather(*others)
+        return engine, seen, steps_at_cancel, results
+
+    engine, seen, steps_at_cancel, results = _run(body, tiny_loaded, max_batch_size=8)
+    cancelled = [r for r in engine.stats.recent if r[1] == "cancelled"]
+    assert len(cancelled) == 1
+    _, _, victim_steps, victim_tokens = cancelled[0]
+    # The victim got 3 outputs (1 from prefill + 2 steps); it may take part in at most one more step.
+    assert victim_steps <= (seen - 1) + 1
+    assert len(victim_tokens) < 10
+    for req, outputs in zip(reqs, results):
+        assert outputs[-1].token_ids == _alone(tiny_loaded, engine, req)[1]
+    assert engine.queue_length() == 0
+
+
+def test_seeded_sampling_same_alone_and_batched(tiny_loaded):
+    sampled = _mixed_requests(6, temperature=0.8, top_p=0.9, seed=1234)
+
+    async def body(engine):
+        return engine, await asyncio.gather(*[_collect(engine, r, 0.01 * i) for i, r in enumerate(sampled)])
+
+    engine, results = _run(body, tiny_loaded, max_batch_size=6)
+    for req, outputs in zip(sampled, results):
+        assert outputs[-1].token_ids == _alone(tiny_loaded, engine, req)[1]
+    greedy_tokens = _alone(tiny_loaded, engine, _mixed_requests(1)[0])[1]
+    assert results[0][-1].token_ids != greedy_tokens, "sampling really sampled"
+
+
+def test_same_image_reuses_vision_features(tiny_loaded):
+    image = _b64_image(3)
+    first = GenerateRequest(prompt="[INST] <image>\nWhat is it? [/INST]", images=[image], temperature=0,
+                            max_new_tokens=4)
+    later_turn = GenerateRequest(prompt="[INST] <image>\nWhat is it? [/INST] A scan. </s>[INST] Where? [/INST]",
+                                 images=[image], temperature=0, max_new_tokens=4)
+    other = GenerateRequest(prompt="[INST] <image>\nWhat is it? [/INST]", images=[_b64_image(4)], temperature=0,
+                            max_new_tokens=4)
+
+    async def body(engine):
+        await _collect(engine, first)
+        encoded_after_first = engine.stats.vision_images_encoded
+        await _collect(engine, later_turn)
+        encoded_after_second = engine.stats.vision_images_encoded
+        await _collect(engine, other)
+        return engine, encoded_after_first, encoded_after_second
+
+    engine, a, b = _run(body, tiny_loaded)
+    assert a == 1
+    assert b == 1, "the second request with the same image must not run the vision tower"
+    assert engine.stats.vision_cache_hits == 1
+    assert engine.stats.vision_images_encoded == 2
+
+
+def test_full_queue_answers_busy_and_keeps_serving(tiny_loaded):
+    long = GenerateRequest(prompt="[INST] hello [/INST]", temperature=0, max_new_tokens=400, ignore_eos=True)
+    short = GenerateRequest(prompt="[INST] hi [/INST]", temperature=0, max_new_tokens=3)
+
+    async def body(engine):
+        running = engine.generate_stream(long)
+        await running.__anext__()  # the long request is in the batch
+        waiting = asyncio.create_task(_collect(engine, short))
+        deadline = time.monotonic() + DEADLINE
+        while engine.queue_length() < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        with pytest.raises(EngineBusyError, match="busy") as info:
+            await _collect(engine, short)
+        assert info.value.code == ErrorCode.ENGINE_OVERLOADED
+        await running.aclose()
+        result = await waiting
+        assert result[-1].finish_reason in ("stop", "length")
+        return True
+
+    assert _run(body, tiny_loaded, max_batch_size=1, max_queue=1)
+
+
+def test_failure_in_one_request_fails_only_that_request(tiny_loaded, monkeypatch):
+    reqs = _mixed_requests(3)
+    bad = GenerateRequest(prompt="[INST] BOOM please [/INST]", temperature=0, max_new_tokens=5)
+
+    async def body(engine):
+        original = engine._embed
+
+        def flaky(req):
+            if "BOOM" in engine.loaded.tokenizer.decode([t for t in req.prepared.input_ids if t >= 0]):
+                raise RuntimeError("injected prefill failure")
+            return original(req)
+
+        monkeypatch.setattr(engine, "_embed", flaky)
+        tasks = [asyncio.create_task(_collect(engine, r)) for r in reqs]
+        with pytest.raises(LlavaMedError, match="injected prefill failure"):
+            await _collect(engine, bad)
+        return engine, await asyncio.gather(*tasks)
+
+    engine, results = _run(body, tiny_loaded, max_batch_size=4)
+    assert engine.stats.failed == 1
+    for req, outputs in zip(reqs, results):
+        assert outputs[-1].token_ids == _alone(tiny_loaded, engine, req)[1]
+
+
+def test_bad_inputs_raise_typed_errors(tiny_loaded, tmp_path):
+    local_png = tmp_path / "secret.png"
+    Image.new("RGB", (8, 8)).save(local_png)
+
+    async def body(engine):
+        cases = [
+            (GenerateRequest(prompt="[INST] <image>\nhi [/INST]"), ErrorCode.IMAGE_COUNT_MISMATCH),
+            (GenerateRequest(prompt="[INST] <image>\nhi [/INST]", images=["bm90IGFuIGltYWdl"]), ErrorCode.BAD_IMAGE),
+            (GenerateRequest(prompt="[INST] " + "lung " * 3000 + "[/INST]"), ErrorCode.CONTEXT_OVERFLOW),
+            # A request can never make the worker read a local file: image strings are base64 only.
+            (GenerateRequest(prompt="[INST] <image>\nhi [/INST]", images=[str(local_png)]), ErrorCode.BAD_IMAGE),
+        ]
+        for req, code in cases:
+            with pytest.raises(LlavaMedError) as info:
+                await _collect(engine, req)
+            assert info.value.code == code
+        ok = await _collect(engine, GenerateRequest(prompt="[INST] hi [/INST]", temperature=0, max_new_tokens=3))
+        return ok
+
+    ok = _run(body, tiny_loaded)
+    assert ok[-1].finish_reason in ("stop", "length")
