@@ -769,3 +769,15 @@ def test_encode_image_base64_round_trip() -> None:
     assert load_image(jpeg).getpixel((4, 4)) == (255, 255, 255)
     with pytest.raises(ImageError):
         encode_image_base64(img, format="NOPE")
+
+
+def test_paths_refused_when_not_allowed(tmp_path: Path) -> None:
+    path = tmp_path / "local.png"
+    Image.new("RGB", (4, 4), (1, 2, 3)).save(path)
+    assert load_image(str(path)).size == (4, 4)
+    with pytest.raises(ImageError, match="not valid base64"):
+        load_image(str(path), allow_path=False)
+    with pytest.raises(ImageError, match="local image files are not accepted"):
+        load_image(path, allow_path=False)
+    encoded = base64.b64encode(path.read_bytes()).decode()
+    assert load_image(encoded, allow_path=False).size == (4, 4)

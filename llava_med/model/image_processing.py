@@ -202,6 +202,7 @@ def load_image(
     limits: ImageLimits | None = None,
     allow_url: bool = False,
     url_timeout: float = 10.0,
+    allow_path: bool = True,
 ) -> Image.Image:
     """Load an image from any supported source and return it as a new RGB image.
 
@@ -218,6 +219,8 @@ def load_image(
         allow_url: fetch ``http(s)`` URLs. Off by default: a server that fetches user-given URLs can be made
             to reach internal hosts, so it must be enabled explicitly.
         url_timeout: seconds allowed for connecting, for each read, and for the whole download.
+        allow_path: read strings and path objects naming local files. Servers pass False, so a request can never
+            make them read (or probe for) files on their own disk: strings are then only base64 or data URLs.
 
     Returns:
         A new RGB image, independent of any file.
@@ -231,8 +234,11 @@ def load_image(
     if isinstance(source, (bytes, bytearray, memoryview)):
         return _decode_bytes(source, limits, f"image of {len(source)} bytes")
     if isinstance(source, str):
-        return _load_from_string(source, limits, allow_url=allow_url, url_timeout=url_timeout)
+        return _load_from_string(source, limits, allow_url=allow_url, url_timeout=url_timeout,
+                                 allow_path=allow_path)
     if isinstance(source, os.PathLike):
+        if not allow_path:
+            raise ImageError("local image files are not accepted here; send the image as base64")
         data = _read_file(source, limits)
         return _decode_bytes(data, limits, f"image file {os.fspath(source)!r}")
     raise ImageError(
@@ -241,7 +247,8 @@ def load_image(
     )
 
 
-def _load_from_string(text: str, limits: ImageLimits, *, allow_url: bool, url_timeout: float) -> Image.Image:
+def _load_from_string(text: str, limits: ImageLimits, *, allow_url: bool, url_timeout: float,
+                      allow_path: bool = True) -> Image.Image:
     stripped = text.strip()
     if not stripped:
         raise ImageError("image string is empty")
@@ -257,6 +264,12 @@ def _load_from_string(text: str, limits: ImageLimits, *, allow_url: bool, url_ti
     if head.startswith("data:"):
         data = _decode_data_url(stripped, limits)
         return _decode_bytes(data, limits, f"data URL image of {len(data)} bytes")
+    if not allow_path:
+        data = _b64decode(stripped, limits, "image string")
+        if data is None:
+            raise ImageError(f"image string {_preview(text)} is not valid base64 (send images as base64 or a "
+                             "data URL)")
+        return _decode_bytes(data, limits, f"base64 image of {len(data)} bytes")
     if _is_existing_path(text):
         data = _read_file(text, limits)
         return _decode_bytes(data, limits, f"image file {text!r}")
