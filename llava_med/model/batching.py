@@ -1,8 +1,8 @@
 """A decode batch whose members join and leave between steps (iteration-level, "continuous" batching).
 
-Each request is prefilled alone (its image features spliced into its embeddings) into its own KV cache, then its
-cache joins the running batch: every row is left-padded to a common length and an attention mask hides the padding,
-so each step appends one token per row at the same column. Rows leave by index; columns that are padding in every
+Requests are prefilled (their image features spliced into their embeddings) alone or several together, left-padded,
+into a KV cache that then joins the running batch: every row is left-padded to a common length and an attention
+mask hides the padding, so each step appends one token per row at the same column. Rows leave by index; columns that are padding in every
 remaining row are dropped, so the cache never grows beyond the longest live row.
 
 transformers' own continuous batching takes token ids only and ignores ``pixel_values``, so it cannot serve images;
@@ -12,11 +12,22 @@ this works on embeddings and a stock ``DynamicCache``.
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from llava_med.model.modeling import LlavaMedForCausalLM
+
+
+@dataclass
+class Prefilled:
+    """Result of :meth:`DecodeBatch.prefill`: logits ``[k, V]``, their KV cache, mask ``[k, L]``, real lengths."""
+
+    logits: torch.Tensor
+    cache: object
+    mask: torch.Tensor
+    lengths: list[int]
 
 
 def _layers(cache) -> list:
@@ -47,29 +58,63 @@ class DecodeBatch:
         return 0 if self.mask is None else int(self.mask.shape[1])
 
     @torch.inference_mode()
-    def prefill(self, embeds: torch.Tensor):
-        """Run one prompt (``[L, hidden]`` embeddings) alone; returns ``(last-position logits [V], cache)``."""
+    def prefill(self, embeds: Sequence[torch.Tensor]) -> Prefilled:
+        """Run prompts (each ``[L_i, hidden]`` embeddings) together, left-padded to the longest.
+
+        Returns their last-position logits ``[k, V]`` and a cache that :meth:`add` merges into the batch. A single
+        prompt runs without padding or mask.
+        """
         from transformers import DynamicCache
 
-        cache = DynamicCache(config=self.model.config)
-        out = self.model(inputs_embeds=embeds.unsqueeze(0), cache=cache, logits_to_keep=1)
-        return out.logits[0, -1], cache
-
-    def add(self, row_id: Hashable, cache, length: int) -> None:
-        """Append a prefilled request (its cache holds ``length`` positions) as the last row."""
         device = self.model.device
-        row_mask = torch.ones(1, length, dtype=torch.long, device=device)
+        lengths = [int(e.shape[0]) for e in embeds]
+        longest = max(lengths)
+        cache = DynamicCache(config=self.model.config)
+        if len(embeds) == 1:
+            out = self.model(inputs_embeds=embeds[0].unsqueeze(0), cache=cache, logits_to_keep=1)
+            mask = torch.ones(1, longest, dtype=torch.long, device=device)
+            return Prefilled(out.logits[:, -1], cache, mask, lengths)
+        padded = torch.stack([F.pad(e, (0, 0, longest - e.shape[0], 0)) for e in embeds])
+        mask = torch.stack([
+            F.pad(torch.ones(n, dtype=torch.long, device=device), (longest - n, 0)) for n in lengths
+        ])
+        position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        out = self.model(inputs_embeds=padded, attention_mask=mask, position_ids=position_ids, cache=cache,
+                         logits_to_keep=1)
+        return Prefilled(out.logits[:, -1], cache, mask, lengths)
+
+    def add(self, row_ids: Sequence[Hashable], prefilled: Prefilled, keep: Sequence[int] | None = None) -> None:
+        """Append prefilled requests as the last rows (``keep``: indices of the prefilled rows to add; default
+        all)."""
+        keep = list(range(len(row_ids))) if keep is None else list(keep)
+        if not keep:
+            return
+        index = torch.tensor(keep, device=prefilled.mask.device)
+        new_mask = prefilled.mask.index_select(0, index)
+        layers = _layers(prefilled.cache)
+        new_kv = []
+        for layer in layers:
+            idx = index.to(layer.keys.device)
+            new_kv.append((layer.keys.index_select(0, idx), layer.values.index_select(0, idx)))
+        # Drop columns that are padding in every kept row.
+        live = torch.nonzero(new_mask.any(dim=0), as_tuple=False)
+        start = int(live[0]) if live.numel() else 0
+        new_mask = new_mask[:, start:]
+        new_kv = [(k[:, :, start:], v[:, :, start:]) for k, v in new_kv]
+        length = int(new_mask.shape[1])
         if self.cache is None:
-            self.cache, self.mask = cache, row_mask
+            for layer, (k, v) in zip(layers, new_kv, strict=True):
+                layer.keys, layer.values = k, v
+            self.cache, self.mask = prefilled.cache, new_mask
         else:
             target = max(self.length, length)
-            pad_batch, pad_row = target - self.length, target - length
-            for mine, theirs in zip(_layers(self.cache), _layers(cache), strict=True):
-                mine.keys = torch.cat([_left_pad(mine.keys, pad_batch), _left_pad(theirs.keys, pad_row)], dim=0)
-                mine.values = torch.cat([_left_pad(mine.values, pad_batch), _left_pad(theirs.values, pad_row)], dim=0)
-            self.mask = torch.cat([F.pad(self.mask, (pad_batch, 0)), F.pad(row_mask, (pad_row, 0))], dim=0)
-        self.row_ids.append(row_id)
-        self.positions.append(length)
+            pad_batch, pad_new = target - self.length, target - length
+            for mine, (k, v) in zip(_layers(self.cache), new_kv, strict=True):
+                mine.keys = torch.cat([_left_pad(mine.keys, pad_batch), _left_pad(k, pad_new)], dim=0)
+                mine.values = torch.cat([_left_pad(mine.values, pad_batch), _left_pad(v, pad_new)], dim=0)
+            self.mask = torch.cat([F.pad(self.mask, (pad_batch, 0)), F.pad(new_mask, (pad_new, 0))], dim=0)
+        self.row_ids.extend(row_ids[i] for i in keep)
+        self.positions.extend(prefilled.lengths[i] for i in keep)
 
     def remove(self, row_ids: Sequence[Hashable]) -> None:
         """Drop rows (finished, stopped or cancelled requests) and free their cache."""

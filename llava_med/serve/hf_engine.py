@@ -75,11 +75,6 @@ class _Request:
     cancelled: bool = False
     steps: int = 0  # decode steps this request took part in
 
-    def emit(self, item: Any) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.outputs.put_nowait, item)
-        except RuntimeError:  # the event loop is closed: nobody is listening any more
-            pass
 
 
 @dataclass
@@ -88,6 +83,7 @@ class EngineStats:
 
     steps: int = 0
     prefills: int = 0
+    prefill_calls: int = 0
     vision_images_encoded: int = 0
     vision_cache_hits: int = 0
     finished: int = 0
@@ -123,6 +119,28 @@ class FeatureCache:
         return len(self._items)
 
 
+def _deliver(items: list[tuple[asyncio.Queue, Any]]) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)
+
+
+def _length_groups(reqs: list, embeds: list[torch.Tensor], max_waste: float = 0.25) -> list[list[int]]:
+    """Split prompts (sorted by length) into groups prefilled together, so that left padding adds at most
+    ``max_waste`` of extra positions to a group."""
+    order = sorted(range(len(embeds)), key=lambda i: embeds[i].shape[0])
+    groups: list[list[int]] = []
+    for i in order:
+        if groups:
+            cand = groups[-1] + [i]
+            longest = max(embeds[j].shape[0] for j in cand)
+            real = sum(embeds[j].shape[0] for j in cand)
+            if longest * len(cand) <= (1 + max_waste) * real:
+                groups[-1] = cand
+                continue
+        groups.append([i])
+    return groups
+
+
 def pixel_key(pixels: torch.Tensor) -> str:
     """Content hash of one preprocessed image (same bytes and mode give the same key)."""
     return hashlib.sha256(pixels.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
@@ -156,6 +174,7 @@ class HFEngine(Engine):
         self._thread: threading.Thread | None = None
         self._ids = itertools.count(1)
         self._default_stop: str | None = None
+        self._outbox: list[tuple[_Request, Any]] = []  # scheduler thread only; delivered once per step
 
     # ----- Engine interface -----
     @property
@@ -167,6 +186,11 @@ class HFEngine(Engine):
         from llava_med.model.builder import model_name_from_path
 
         return [model_name_from_path(self.load_config.model_path or "llava-med-tiny-mistral")]
+
+    @property
+    def conv_mode(self) -> str | None:
+        """The prompt template of the served checkpoint (from ``--conv-mode`` or its config), once loaded."""
+        return self._conv_mode
 
     @property
     def ready(self) -> bool:
@@ -185,6 +209,7 @@ class HFEngine(Engine):
         from llava_med.conversation import conv_mode_for_config, get_conv_template
 
         conv_mode = self._conv_mode or conv_mode_for_config(self.loaded.config)
+        self._conv_mode = conv_mode
         self._default_stop = get_conv_template(conv_mode).stop_str
         self._thread = threading.Thread(target=self._run, name="hf-engine-scheduler", daemon=True)
         self._thread.start()
@@ -250,6 +275,9 @@ class HFEngine(Engine):
         try:
             while True:
                 item = await req.outputs.get()
+                # Outputs are cumulative: when the consumer fell behind, only the newest one matters.
+                while not isinstance(item, BaseException) and item.finish_reason is None and not req.outputs.empty():
+                    item = req.outputs.get_nowait()
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
@@ -302,11 +330,28 @@ class HFEngine(Engine):
                 logger.exception("engine step failed")
                 self._fail_all(batch, "engine step failed")
                 batch = DecodeBatch(self.loaded.model)
+            self._flush()
         self._fail_all(batch, "the engine shut down")
         with self._lock:
             for req in self._waiting:
-                req.emit(EngineStoppedError("the engine shut down"))
+                self._post(req, EngineStoppedError("the engine shut down"))
             self._waiting.clear()
+        self._flush()
+
+    def _post(self, req: _Request, item: Any) -> None:
+        self._outbox.append((req, item))
+
+    def _flush(self) -> None:
+        """Hand this step's outputs to their event loops: one wake-up per loop, not one per token."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Any]]] = {}
+        for req, item in self._outbox:
+            by_loop.setdefault(req.loop, []).append((req.outputs, item))
+        self._outbox = []
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # the event loop is closed: nobody is listening any more
+                pass
 
     def _take_admissible(self, running: int) -> list[_Request]:
         """Waiting requests that fit in the batch and this iteration's prefill budget (at least one)."""
@@ -322,23 +367,14 @@ class HFEngine(Engine):
         return out
 
     def _step(self, batch, admitted: list[_Request]) -> None:
+        live = []
         for req in admitted:
             if req.cancelled:
                 self._finish(req, cancelled=True)
-                continue
-            try:
-                embeds = self._embed(req)
-                logits, cache = batch.prefill(embeds)
-                self.stats.prefills += 1
-            except Exception as exc:
-                logger.exception("prefill failed for request %d", req.rid)
-                self._fail(req, exc)
-                continue
-            if req.state.advance(logits):
-                req.emit(req.state.update())
-                batch.add(req.rid, cache, embeds.shape[0])
             else:
-                self._finish(req)
+                live.append(req)
+        if live:
+            self._prefill(batch, live)
         with self._lock:
             gone = [rid for rid in batch.row_ids if self._running[rid].cancelled]
             self.stats.max_running = max(self.stats.max_running, len(batch) - len(gone))
@@ -361,24 +397,61 @@ class HFEngine(Engine):
         for i, r in enumerate(rows):
             r.steps += 1
             if r.state.advance(logits[i]):
-                r.emit(r.state.update())
+                self._post(r, r.state.update())
             else:
                 done.append(r.rid)
                 self._finish(r)
         batch.remove(done)
 
-    def _embed(self, req: _Request) -> torch.Tensor:
+    def _prefill(self, batch, reqs: list[_Request]) -> None:
+        """Prefill admitted requests, several at a time when their lengths are close, and add them to the batch."""
+        try:
+            embeds = self._embed(reqs)
+        except Exception:
+            # Find the culprit: embed one by one so only the failing request fails.
+            embeds = []
+            for req in list(reqs):
+                try:
+                    embeds.append(self._embed([req])[0])
+                except Exception as exc:
+                    logger.exception("preparing the embeddings of request %d failed", req.rid)
+                    self._fail(req, exc)
+                    reqs.remove(req)
+        for group in _length_groups(reqs, embeds):
+            group_reqs = [reqs[i] for i in group]
+            try:
+                prefilled = batch.prefill([embeds[i] for i in group])
+            except Exception as exc:
+                logger.exception("prefill failed for requests %s", [r.rid for r in group_reqs])
+                for req in group_reqs:
+                    self._fail(req, exc)
+                continue
+            self.stats.prefills += len(group_reqs)
+            self.stats.prefill_calls += 1
+            logits = prefilled.logits.float().cpu()
+            keep = []
+            for j, req in enumerate(group_reqs):
+                if req.state.advance(logits[j]):
+                    self._post(req, req.state.update())
+                    keep.append(j)
+                else:
+                    self._finish(req)
+            batch.add([r.rid for r in group_reqs], prefilled, keep)
+
+    def _embed(self, reqs: list[_Request]) -> list[torch.Tensor]:
+        """Prompt embeddings of each request; images not in the feature cache go through CLIP in one call."""
         model = self.loaded.model
-        feats: list[torch.Tensor | None] = [self._features.get(k) for k in req.image_keys]
-        missing = [i for i, f in enumerate(feats) if f is None]
-        self.stats.vision_cache_hits += len(feats) - len(missing)
+        feats = [[self._features.get(k) for k in req.image_keys] for req in reqs]
+        missing = [(r, i) for r, fs in enumerate(feats) for i, f in enumerate(fs) if f is None]
+        self.stats.vision_cache_hits += sum(len(fs) for fs in feats) - len(missing)
         if missing:
-            encoded = model.encode_images(req.prepared.pixel_values[missing])
+            pixels = torch.stack([reqs[r].prepared.pixel_values[i] for r, i in missing])
+            encoded = model.encode_images(pixels)
             self.stats.vision_images_encoded += len(missing)
-            for j, i in enumerate(missing):
-                feats[i] = encoded[j]
-                self._features.put(req.image_keys[i], encoded[j])
-        return model.embed_prompt(req.prepared.input_ids, feats)
+            for j, (r, i) in enumerate(missing):
+                feats[r][i] = encoded[j]
+                self._features.put(reqs[r].image_keys[i], encoded[j])
+        return [model.embed_prompt(req.prepared.input_ids, fs) for req, fs in zip(reqs, feats, strict=True)]
 
     def _finish(self, req: _Request, *, cancelled: bool = False) -> None:
         if cancelled:
@@ -388,7 +461,7 @@ class HFEngine(Engine):
             self.stats.finished += 1
         final = req.state.update()
         self.stats.recent.append((req.rid, final.finish_reason, req.steps, final.token_ids))
-        req.emit(final)
+        self._post(req, final)
         with self._lock:
             self._running.pop(req.rid, None)
 
@@ -400,7 +473,7 @@ class HFEngine(Engine):
             err = exc
         else:
             err = LlavaMedError(f"generation failed: {type(exc).__name__}: {exc}")
-        req.emit(err)
+        self._post(req, err)
         with self._lock:
             self._running.pop(req.rid, None)
 
