@@ -95,7 +95,7 @@ def test_generate_with_each_image_kind_and_echo_off(stack):
 
 
 def test_encode_image_rejects_other_types():
-    with pytest.raises(TypeError, match="PIL images, bytes or base64"):
+    with pytest.raises(TypeError, match="PIL images, bytes, pathlib.Path files or base64"):
         encode_image(3.14)
 
 
@@ -168,3 +168,13 @@ def test_controller_registers_with_another_controller(stack):
         assert client.generate("fake-med", PROMPT, [png_image()], via_controller=True) == ANSWER
         # parent dispatch -> child address, which streams like a worker
         assert client.generate("fake-med", PROMPT, [png_image()]) == ANSWER
+
+
+def test_encode_image_reads_local_files_given_as_paths(tmp_path):
+    import base64
+    from pathlib import Path
+
+    path = tmp_path / "scan.png"
+    path.write_bytes(b"\x89PNG fake bytes")
+    assert base64.b64decode(encode_image(Path(path))) == b"\x89PNG fake bytes"
+    assert encode_image("aGVsbG8=") == "aGVsbG8="  # strings are base64 already, never read as paths

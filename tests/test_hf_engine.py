@@ -235,3 +235,20 @@ def test_bad_inputs_raise_typed_errors(tiny_loaded, tmp_path):
 
     ok = _run(body, tiny_loaded)
     assert ok[-1].finish_reason in ("stop", "length")
+
+
+def test_requests_prefilled_together_match_alone(tiny_loaded):
+    """Requests arriving at once are prefilled in left-padded groups; each still gets its single-run tokens."""
+    reqs = _mixed_requests(8)
+    reqs += [GenerateRequest(prompt="[INST] Is the heart enlarged? [/INST]", temperature=0.0, max_new_tokens=9,
+                             ignore_eos=True),
+             GenerateRequest(prompt="[INST] Is the liver enlarged today? [/INST]", temperature=0.0,
+                             max_new_tokens=9, ignore_eos=True)]
+
+    async def body(engine):
+        return engine, await asyncio.gather(*[_collect(engine, r) for r in reqs])
+
+    engine, results = _run(body, tiny_loaded, max_batch_size=16)
+    assert engine.stats.prefill_calls < engine.stats.prefills, "some requests were prefilled together"
+    for req, outputs in zip(reqs, results):
+        assert outputs[-1].token_ids == _alone(tiny_loaded, engine, req)[1]

@@ -63,3 +63,6 @@ def add_batching_args(parser: argparse.ArgumentParser) -> None:
                        help="images whose vision features are kept for reuse (0: off)")
     group.add_argument("--allow-image-urls", action="store_true",
                        help="let requests pass http(s) image URLs for the worker to fetch (off by default)")
+    group.add_argument("--stream-min-interval", type=float, default=0.025,
+                       help="seconds between two streamed updates of one request (0: every token); the text is "
+                            "cumulative, so nothing is lost")

@@ -14,6 +14,7 @@ Errors raise :class:`ClientError` subclasses: :class:`NoWorkerError` (no worker 
 from __future__ import annotations
 
 import base64
+import os
 import io
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -92,9 +93,13 @@ def _local_encode_png(image: Any) -> str:
 
 
 def encode_image(image: Any) -> str:
-    """A PIL image, raw bytes or a base64 string -> the base64 string the wire carries."""
+    """A PIL image, raw bytes, a local file (``pathlib.Path``; PNG, JPEG, DICOM... read here, decoded by the worker)
+    or a base64 string -> the base64 string the wire carries."""
     if isinstance(image, str):
         return image
+    if isinstance(image, os.PathLike):
+        with open(image, "rb") as fh:
+            return base64.b64encode(fh.read()).decode("ascii")
     if isinstance(image, (bytes, bytearray, memoryview)):
         return base64.b64encode(bytes(image)).decode("ascii")
     if hasattr(image, "save") and hasattr(image, "size"):  # PIL.Image.Image, without importing PIL here
@@ -103,7 +108,8 @@ def encode_image(image: Any) -> str:
         except ImportError:
             return _local_encode_png(image)
         return encode_image_base64(image)
-    raise TypeError(f"images must be PIL images, bytes or base64 strings, got {type(image).__name__}")
+    raise TypeError(f"images must be PIL images, bytes, pathlib.Path files or base64 strings, got "
+                    f"{type(image).__name__}")
 
 
 def _is_read_timeout(exc: BaseException) -> bool:

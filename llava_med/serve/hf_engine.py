@@ -18,6 +18,7 @@ import hashlib
 import itertools
 import logging
 import threading
+import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -47,8 +48,13 @@ class BatchingConfig:
     image_cache_size: int = 64
     allow_image_urls: bool = False
     image_limits: ImageLimits = field(default_factory=ImageLimits)
+    # A request's text is handed to the worker at most this often (its first token and its end always at once):
+    # text is cumulative, so a reader loses nothing, and the event loop is not flooded with one chunk per token.
+    stream_min_interval: float = 0.025
 
     def __post_init__(self) -> None:
+        if self.stream_min_interval < 0:
+            raise ValueError(f"stream_min_interval must be >= 0, got {self.stream_min_interval}")
         for name in ("max_batch_size", "max_queue", "max_prefill_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -74,6 +80,7 @@ class _Request:
     outputs: asyncio.Queue
     cancelled: bool = False
     steps: int = 0  # decode steps this request took part in
+    last_post: float = float("-inf")  # monotonic time of the last update handed to the worker
 
 
 
@@ -341,6 +348,13 @@ class HFEngine(Engine):
     def _post(self, req: _Request, item: Any) -> None:
         self._outbox.append((req, item))
 
+    def _post_progress(self, req: _Request) -> None:
+        """Hand over a running request's text, unless it was handed over less than ``stream_min_interval`` ago."""
+        now = time.monotonic()
+        if now - req.last_post >= self.batching.stream_min_interval:
+            req.last_post = now
+            self._post(req, req.state.update())
+
     def _flush(self) -> None:
         """Hand this step's outputs to their event loops: one wake-up per loop, not one per token."""
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, Any]]] = {}
@@ -397,7 +411,7 @@ class HFEngine(Engine):
         for i, r in enumerate(rows):
             r.steps += 1
             if r.state.advance(logits[i]):
-                self._post(r, r.state.update())
+                self._post_progress(r)
             else:
                 done.append(r.rid)
                 self._finish(r)
@@ -432,7 +446,7 @@ class HFEngine(Engine):
             keep = []
             for j, req in enumerate(group_reqs):
                 if req.state.advance(logits[j]):
-                    self._post(req, req.state.update())
+                    self._post_progress(req)
                     keep.append(j)
                 else:
                     self._finish(req)
@@ -495,6 +509,7 @@ def engine_from_args(args) -> HFEngine:
         max_prefill_tokens=args.max_prefill_tokens,
         image_cache_size=args.image_cache_size,
         allow_image_urls=args.allow_image_urls,
+        stream_min_interval=args.stream_min_interval,
     )
     return HFEngine(load_config_from_args(args), model_name=args.model_name, conv_mode=args.conv_mode,
                     batching=batching)
