@@ -34,6 +34,56 @@ def _layers(cache) -> list:
     return list(cache.layers)
 
 
+SPARE_POSITIONS = 64
+
+
+def _roomy_layer_class():
+    from transformers.cache_utils import DynamicLayer
+
+    class RoomyLayer(DynamicLayer):
+        """A ``DynamicLayer`` whose keys/values sit in a buffer with spare positions at the end, so a decode step
+        writes its token in place instead of copying the whole cache (``torch.cat``) in every layer."""
+
+        def __init__(self, keys: torch.Tensor, values: torch.Tensor, spare: int = SPARE_POSITIONS) -> None:
+            super().__init__()
+            self.device = keys.device
+            self.is_initialized = True
+            self._length = int(keys.shape[-2])
+            self._k = self._with_room(keys, self._length + spare)
+            self._v = self._with_room(values, self._length + spare)
+            self._expose()
+
+        @staticmethod
+        def _with_room(t: torch.Tensor, capacity: int) -> torch.Tensor:
+            buf = t.new_empty(*t.shape[:-2], capacity, t.shape[-1])
+            buf[..., : t.shape[-2], :] = t
+            return buf
+
+        def _expose(self) -> None:
+            self.keys = self._k[..., : self._length, :]
+            self.values = self._v[..., : self._length, :]
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            n = int(key_states.shape[-2])
+            if self._length + n > self._k.shape[-2]:
+                capacity = max(2 * self._k.shape[-2], self._length + n + SPARE_POSITIONS)
+                self._k = self._with_room(self.keys, capacity)
+                self._v = self._with_room(self.values, capacity)
+            self._k[..., self._length : self._length + n, :] = key_states
+            self._v[..., self._length : self._length + n, :] = value_states
+            self._length += n
+            self._expose()
+            return self.keys, self.values
+
+    return RoomyLayer
+
+
+def _set_layers(cache, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Replace every layer of ``cache`` with roomy layers holding ``kv``."""
+    roomy = _roomy_layer_class()
+    cache.layers = [roomy(k, v) for k, v in kv]
+
+
 def _left_pad(t: torch.Tensor, pad: int) -> torch.Tensor:
     """Pad the sequence axis (-2) of a ``[B, H, L, D]`` tensor on the left with zeros."""
     return F.pad(t, (0, 0, pad, 0)) if pad else t
@@ -103,15 +153,16 @@ class DecodeBatch:
         new_kv = [(k[:, :, start:], v[:, :, start:]) for k, v in new_kv]
         length = int(new_mask.shape[1])
         if self.cache is None:
-            for layer, (k, v) in zip(layers, new_kv, strict=True):
-                layer.keys, layer.values = k, v
+            _set_layers(prefilled.cache, new_kv)
             self.cache, self.mask = prefilled.cache, new_mask
         else:
             target = max(self.length, length)
             pad_batch, pad_new = target - self.length, target - length
+            merged = []
             for mine, (k, v) in zip(_layers(self.cache), new_kv, strict=True):
-                mine.keys = torch.cat([_left_pad(mine.keys, pad_batch), _left_pad(k, pad_new)], dim=0)
-                mine.values = torch.cat([_left_pad(mine.values, pad_batch), _left_pad(v, pad_new)], dim=0)
+                merged.append((torch.cat([_left_pad(mine.keys, pad_batch), _left_pad(k, pad_new)], dim=0),
+                               torch.cat([_left_pad(mine.values, pad_batch), _left_pad(v, pad_new)], dim=0)))
+            _set_layers(self.cache, merged)
             self.mask = torch.cat([F.pad(self.mask, (pad_batch, 0)), F.pad(new_mask, (pad_new, 0))], dim=0)
         self.row_ids.extend(row_ids[i] for i in keep)
         self.positions.extend(prefilled.lengths[i] for i in keep)
@@ -131,10 +182,11 @@ class DecodeBatch:
         live = torch.nonzero(self.mask.any(dim=0), as_tuple=False)
         start = int(live[0]) if live.numel() else 0
         self.mask = self.mask[:, start:]
+        kept = []
         for layer in _layers(self.cache):
             idx = index.to(layer.keys.device)
-            layer.keys = layer.keys.index_select(0, idx)[:, :, start:]
-            layer.values = layer.values.index_select(0, idx)[:, :, start:]
+            kept.append((layer.keys.index_select(0, idx)[:, :, start:], layer.values.index_select(0, idx)[:, :, start:]))
+        _set_layers(self.cache, kept)
         self.row_ids = [self.row_ids[i] for i in keep]
         self.positions = [self.positions[i] for i in keep]
 
