@@ -19,7 +19,6 @@ import io
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time

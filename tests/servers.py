@@ -15,6 +15,7 @@ For the real engine: ``group.start_worker(ctrl.url, "--model-path", tiny_dir, en
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -37,6 +38,15 @@ FAST_HEARTBEAT_ENV = {
     "LLAVA_MED_CONTROLLER_HEART_BEAT_EXPIRATION": "3",
     "LLAVA_MED_WORKER_API_TIMEOUT": "20",
 }
+
+
+def original_stream(url: str, pload: dict, timeout: float = 15) -> Iterator[dict]:
+    """Exactly what the original gradio server / test_message do with a worker (or controller) stream."""
+    response = requests.post(url + "/worker_generate_stream", headers={"User-Agent": "LLaVA Client"}, json=pload,
+                             stream=True, timeout=timeout)
+    for chunk in response.iter_lines(decode_unicode=False, delimiter=b"\0"):
+        if chunk:
+            yield json.loads(chunk.decode())
 
 
 def free_port() -> int:

@@ -13,7 +13,7 @@ from PIL import Image, ImageDraw
 from llava_med.constants import ErrorCode
 from llava_med.errors import LlavaMedError
 from llava_med.model.builder import LoadConfig
-from llava_med.model.generation import SamplingParams, generate_stream, prepare_prompt
+from llava_med.model.generation import generate_stream, prepare_prompt
 from llava_med.serve.hf_engine import BatchingConfig, EngineBusyError, HFEngine
 from llava_med.serve.protocol import GenerateRequest
 

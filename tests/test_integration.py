@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import pytest
 import requests
-from servers import FAST_HEARTBEAT_ENV, ProcessGroup, ServerProcess, free_port, wait_until
+from servers import FAST_HEARTBEAT_ENV, ProcessGroup, ServerProcess, free_port, original_stream, wait_until
 
 from llava_med.serve.client import ClientConnectionError, LlavaMedClient
 from llava_med.serve.protocol import ErrorCode
@@ -31,15 +31,6 @@ LONG = {"model": MODEL, "prompt": "[INST] tell me everything [/INST]", "ignore_e
 def post(url: str, **kwargs) -> requests.Response:
     kwargs.setdefault("timeout", 10)
     return requests.post(url, **kwargs)
-
-
-def original_stream(url: str, pload: dict, timeout: float = 15) -> Iterator[dict]:
-    """Exactly what the original gradio server / test_message do with a worker (or controller) stream."""
-    response = requests.post(url + "/worker_generate_stream", headers={"User-Agent": "LLaVA Client"}, json=pload,
-                             stream=True, timeout=timeout)
-    for chunk in response.iter_lines(decode_unicode=False, delimiter=b"\0"):
-        if chunk:
-            yield json.loads(chunk.decode())
 
 
 def workers_known(controller: ServerProcess) -> int:

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import base64
 import io
-import json
-from collections.abc import Iterator
 
 import pytest
 import requests
 from PIL import Image, ImageDraw
-from servers import FAST_HEARTBEAT_ENV, ProcessGroup, ServerProcess, wait_until
+from servers import FAST_HEARTBEAT_ENV, ProcessGroup, original_stream, wait_until
 
 from llava_med.model.generation import SamplingParams, generate
 from llava_med.model.prompting import build_single_turn_prompt
@@ -34,15 +32,6 @@ def _png_b64() -> str:
 
 IMAGE = _png_b64()
 PROMPT, STOP = build_single_turn_prompt("What does this scan show?", 1, "mistral_instruct")
-
-
-def original_stream(url: str, pload: dict, timeout: float = 60) -> Iterator[dict]:
-    """What the original LLaVA gradio server and test_message do."""
-    response = requests.post(url + "/worker_generate_stream", headers={"User-Agent": "LLaVA Client"}, json=pload,
-                             stream=True, timeout=timeout)
-    for chunk in response.iter_lines(decode_unicode=False, delimiter=b"\0"):
-        if chunk:
-            yield json.loads(chunk.decode())
 
 
 @pytest.fixture(scope="module")
