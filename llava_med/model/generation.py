@@ -71,9 +71,10 @@ class TokenSampler:
         seed = params.seed if params.seed is not None else random.SystemRandom().randrange(2**63)
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
 
-    def __call__(self, logits: torch.Tensor) -> int:
+    def __call__(self, logits: torch.Tensor, argmax: int | None = None) -> int:
+        """``argmax``: the row's argmax when the caller already computed it for a whole batch."""
         if self.params.greedy:
-            return int(torch.argmax(logits).item())
+            return argmax if argmax is not None else int(torch.argmax(logits).item())
         scaled = logits.detach().float().cpu() / self.params.temperature
         probs = torch.softmax(scaled, dim=-1)
         if self.params.top_p < 1.0:
@@ -212,9 +213,10 @@ class SequenceState:
         self.finish_reason: str | None = None
         self.last_token: int | None = None
 
-    def advance(self, logits: torch.Tensor) -> bool:
-        """Sample one token from ``logits`` (``[V]``); returns True while the request goes on."""
-        token = self.sampler(logits)
+    def advance(self, logits: torch.Tensor, argmax: int | None = None) -> bool:
+        """Sample one token from ``logits`` (``[V]``; ``argmax`` if the caller computed it for the whole batch);
+        returns True while the request goes on."""
+        token = self.sampler(logits, argmax)
         self.generated += 1
         self.last_token = token
         if token == self.eos_id and not self.params.ignore_eos:

@@ -407,10 +407,11 @@ class HFEngine(Engine):
             batch.remove([r.rid for r in rows])
             return
         self.stats.steps += 1
+        argmax = logits.argmax(dim=-1).tolist()
         done = []
         for i, r in enumerate(rows):
             r.steps += 1
-            if r.state.advance(logits[i]):
+            if r.state.advance(logits[i], argmax[i]):
                 self._post_progress(r)
             else:
                 done.append(r.rid)
