@@ -351,8 +351,11 @@ def _infer_vision_config(state: Mapping[str, torch.Tensor]):
     )
 
 
-def _resolve_vision_source(name: str, checkpoint: Path, local_files_only: bool) -> Path | None:
-    """A folder for ``mm_vision_tower``/``--vision-tower`` (relative paths are tried against the checkpoint)."""
+def _resolve_vision_source(name: str, checkpoint: Path, local_files_only: bool, *, weights: bool = True
+                           ) -> Path | None:
+    """A folder for ``mm_vision_tower``/``--vision-tower`` (relative paths are tried against the checkpoint).
+
+    ``weights=False`` fetches only the configs of a hub id (the weights are embedded in the checkpoint)."""
     for candidate in (checkpoint / name, Path(name).expanduser()):
         if candidate.is_dir():
             return candidate.resolve()
@@ -363,7 +366,7 @@ def _resolve_vision_source(name: str, checkpoint: Path, local_files_only: bool) 
             snapshot_download(
                 name,
                 local_files_only=local_files_only,
-                allow_patterns=["*.json", "*.safetensors", "*.bin", "*.txt"],
+                allow_patterns=["*.json", "*.safetensors", "*.bin", "*.txt"] if weights else ["*.json"],
             )
         )
     except Exception as exc:  # offline, unknown id, gated: the caller decides whether that is fatal
@@ -391,7 +394,8 @@ def _load_vision_tower(folder: Path, config: dict, tensors: CheckpointTensors, c
         return (*_load_vision_folder(source), str(source))
 
     embedded_keys = [k for k in tensors.keys() if k.startswith(EMBEDDED_VISION_PREFIX)]
-    source = _resolve_vision_source(mm_vision_tower, folder, cfg.local_files_only) if mm_vision_tower else None
+    source = (_resolve_vision_source(mm_vision_tower, folder, cfg.local_files_only, weights=not embedded_keys)
+              if mm_vision_tower else None)
     if embedded_keys:
         state = {k[len(EMBEDDED_VISION_PREFIX):]: v for k, v in tensors.load(embedded_keys).items()}
         if source is not None and (source / "config.json").is_file():
