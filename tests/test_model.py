@@ -279,3 +279,20 @@ def test_quantized_loading_generates_on_cpu(tiny_checkpoint, flag):
     assert final.num_generated_tokens == 8
     assert final.finish_reason == "length"
     assert final.text.strip()
+
+
+def test_embedded_vision_tower_without_its_config_folder(tiny_checkpoint, tiny_loaded, tmp_path, monkeypatch):
+    """Offline, with mm_vision_tower unreachable, the embedded CLIP weights load with a config inferred from
+    their shapes, and the model computes exactly what it computes with the CLIP folder's config."""
+    ckpt = _copy_checkpoint(tiny_checkpoint, tmp_path)
+    config = json.loads((ckpt / "config.json").read_text())
+    config["mm_vision_tower"] = "openai/clip-vit-not-downloaded-here"
+    (ckpt / "config.json").write_text(json.dumps(config))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    loaded = load_pretrained_model(LoadConfig(model_path=str(ckpt)))
+    assert loaded.vision_source == "embedded"
+    image = _test_image()
+    ours, tokens = _our_logits(loaded, PROMPT_WITH_IMAGE, image)
+    expected, expected_tokens = _our_logits(tiny_loaded, PROMPT_WITH_IMAGE, image)
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
+    assert tokens == expected_tokens
