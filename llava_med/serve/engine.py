@@ -64,6 +64,14 @@ class Engine(abc.ABC):
     def generate_stream(self, request: GenerateRequest) -> AsyncIterator[GenerateOutput]:
         """Stream the generation of one request (see the module docstring for the contract)."""
 
+    @property
+    def conv_mode(self) -> str | None:
+        """Name of the conversation template the served model was trained with (``/worker_get_conv_template``).
+
+        None when the engine does not know it (clients then use their default, ``mistral_instruct``).
+        """
+        return None
+
     def count_tokens(self, prompt: str) -> int:
         """Number of prompt tokens (used by ``/count_token``); engines without a tokenizer may not override it."""
         raise NotImplementedError(f"{type(self).__name__} does not count tokens")

@@ -19,6 +19,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 
 from llava_med.constants import DEFAULT_IMAGE_TOKEN
+from llava_med.conversation import DEFAULT_CONV_MODE
 from llava_med.errors import ContextOverflowError, ImageCountMismatchError, ImageError, LlavaMedError
 from llava_med.serve.engine import Engine, GenerateOutput
 from llava_med.serve.protocol import GenerateRequest
@@ -43,6 +44,7 @@ class FakeEngine(Engine):
         fail_after: raise ``fail_with`` after this many tokens of every request (None: never).
         fail_with: the exception to raise (default ``RuntimeError("injected engine failure")``).
         load_error: make :meth:`start` raise this.
+        conv_mode: the template name reported by :attr:`conv_mode` (default ``mistral_instruct``).
     """
 
     def __init__(
@@ -57,6 +59,7 @@ class FakeEngine(Engine):
         fail_after: int | None = None,
         fail_with: BaseException | None = None,
         load_error: BaseException | None = None,
+        conv_mode: str | None = DEFAULT_CONV_MODE,
     ) -> None:
         if isinstance(model_names, str):
             model_names = [model_names]
@@ -79,6 +82,7 @@ class FakeEngine(Engine):
         self.fail_after = fail_after
         self.fail_with = fail_with
         self.load_error = load_error
+        self._conv_mode = conv_mode
         self._ready = False
         self._running = 0
         # Counters for tests.
@@ -99,6 +103,10 @@ class FakeEngine(Engine):
     @property
     def context_length(self) -> int:
         return self._context_length
+
+    @property
+    def conv_mode(self) -> str | None:
+        return self._conv_mode
 
     async def start(self) -> None:
         if self.load_delay:

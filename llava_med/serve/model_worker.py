@@ -7,7 +7,8 @@ Endpoints:
   engine errors, so the original clients show the cause; they never see a 4xx/5xx from this endpoint.
 * ``POST /worker_generate``: the same, not streamed: the final chunk as JSON (200, ``error_code`` says failure).
 * ``POST /worker_get_status``, ``GET /health`` (503 ``loading`` until the model is loaded), ``POST /count_token``,
-  ``POST /model_details``.
+  ``POST /model_details``, ``POST /worker_get_conv_template`` (``{"conv_mode": name}``: the prompt template of the
+  served model, so that clients such as the web UI build prompts the way the checkpoint was trained).
 
 Run: ``python -m llava_med.serve.model_worker --controller http://localhost:21001 --port 40000
 --worker http://localhost:40000 --model-path microsoft/llava-med-v1.5-mistral-7b``.
@@ -444,6 +445,12 @@ def create_app(worker: ModelWorker) -> FastAPI:
             return _http.error_json(ErrorCode.INTERNAL_ERROR, str(exc), status_code=501)
         return CountTokenResponse(count=count)
 
+    @app.post("/worker_get_conv_template")
+    async def worker_get_conv_template() -> Any:
+        if not worker.ready:
+            return _http.error_json(ErrorCode.ENGINE_OVERLOADED, "the model is not loaded yet", status_code=503)
+        return {"conv_mode": worker.engine.conv_mode}
+
     @app.post("/model_details")
     async def model_details() -> Any:
         if not worker.ready:
@@ -528,13 +535,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def build_engine(args: argparse.Namespace) -> Engine:
     """The engine selected by ``--engine``; the transformers engine is imported only when chosen."""
     if args.engine == "fake":
+        from llava_med.conversation import DEFAULT_CONV_MODE
         from llava_med.serve.fake_engine import DEFAULT_FAKE_MODEL_NAME, FakeEngine
 
         name = args.model_name or (model_name_from_path(args.model_path) if args.model_path else None)
         name = name or DEFAULT_FAKE_MODEL_NAME
         return FakeEngine(
             [name], script=args.fake_script, token_delay=args.fake_token_delay, load_delay=args.fake_load_delay,
-            context_length=args.fake_context_length,
+            context_length=args.fake_context_length, conv_mode=args.conv_mode or DEFAULT_CONV_MODE,
         )
     from llava_med.serve import hf_engine
 
