@@ -12,6 +12,8 @@ SUBCOMMANDS = {
     "chat": ("llava_med.serve.cli", "chat in the terminal, or answer one --query"),
     "controller": ("llava_med.serve.controller", "run the controller that workers register with"),
     "worker": ("llava_med.serve.model_worker", "run a model worker"),
+    "web": ("llava_med.serve.gradio_web_server", "run the web chat (Gradio) over a controller"),
+    "launch": ("llava_med.serve.launch", "start a controller, workers and the web UI together (Ctrl-C stops all)"),
     "test-message": ("llava_med.serve.test_message", "send one message through a controller"),
     "register-worker": ("llava_med.serve.register_worker", "register a worker with a controller by hand"),
     "make-tiny": ("llava_med.model.tiny", "build the tiny (or ~100M 'small') random checkpoint"),

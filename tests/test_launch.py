@@ -1,0 +1,174 @@
+"""``llava-med launch``: its plan (ports, GPUs, pass-through flags) and, on real processes, startup, SIGTERM, and a
+child that dies."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import requests
+from launch_helpers import FREE_PORTS, pid_gone, start_launcher
+from servers import _base_env, wait_until
+
+from llava_med.serve.launch import (
+    LaunchConfig,
+    LaunchError,
+    build_parser,
+    config_from_args,
+    plan,
+)
+
+
+def config(*argv: str) -> LaunchConfig:
+    return config_from_args(build_parser().parse_args(list(argv)))
+
+
+# ------------------------------------------------------------------------------------------------------- the plan
+
+
+def test_defaults_are_the_original_ports_and_the_tiny_model(tmp_path):
+    cfg = config("--log-dir", str(tmp_path))
+    assert (cfg.controller_port, cfg.worker_port, cfg.web_port) == (21001, 21002, 7860)
+    assert cfg.model_paths == [None] and cfg.engine == "hf" and cfg.web and cfg.host == "127.0.0.1"
+    if all(_port_is_free(p) for p in (21001, 21002, 7860)):
+        specs = plan(cfg)
+        assert [(s.role, s.port) for s in specs] == [("controller", 21001), ("worker", 21002), ("web", 7860)]
+        worker = specs[1]
+        assert "--model-path" not in worker.argv  # the worker's default: the embedded tiny checkpoint
+        assert worker.argv[worker.argv.index("--controller-address") + 1] == "http://127.0.0.1:21001"
+        web = specs[2]
+        assert web.argv[web.argv.index("--controller-url") + 1] == "http://127.0.0.1:21001"
+        assert web.argv[web.argv.index("--log-dir") + 1] == str(tmp_path / "web")
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def test_models_workers_gpus_and_loader_flags(tmp_path):
+    cfg = config("--model-path", "/ckpt/a", "--model-path", "org/b", "--workers-per-model", "2", "--gpus", "0,1,2",
+                 "--load-4bit", "--dtype", "bfloat16", "--device", "cuda", "--conv-mode", "llava_v1",
+                 "--controller-port", "0", "--worker-port", "0", "--web-port", "0", "--no-web",
+                 "--worker-arg=--max-queue", "--worker-arg=8", "--log-dir", str(tmp_path))
+    specs = plan(cfg)
+    workers = [s for s in specs if s.role == "worker"]
+    assert [s.role for s in specs] == ["controller", "worker", "worker", "worker", "worker"]  # --no-web
+    assert [w.model_path for w in workers] == ["/ckpt/a", "/ckpt/a", "org/b", "org/b"]
+    assert [w.env["CUDA_VISIBLE_DEVICES"] for w in workers] == ["0", "1", "2", "0"]
+    ports = [s.port for s in specs]
+    assert len(set(ports)) == len(ports) and all(p > 0 for p in ports)
+    for w in workers:
+        argv = " ".join(w.argv)
+        assert f"--model-path {w.model_path}" in argv
+        assert "--load-4bit" in w.argv and "--dtype bfloat16" in argv and "--device cuda" in argv
+        assert "--conv-mode llava_v1" in argv and "--max-queue 8" in argv
+        assert w.argv[w.argv.index("--worker-address") + 1] == w.url == f"http://127.0.0.1:{w.port}"
+
+
+def test_consecutive_worker_ports_and_port_conflicts(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        with pytest.raises(LaunchError, match=rf"port {taken} .*already in use.*--controller-port 0"):
+            plan(config("--controller-port", str(taken), "--log-dir", str(tmp_path)))
+    base = _free_run(3)
+    specs = plan(config("--controller-port", "0", "--web-port", "0", "--worker-port", str(base),
+                        "--workers-per-model", "3", "--log-dir", str(tmp_path)))
+    assert [s.port for s in specs if s.role == "worker"] == [base, base + 1, base + 2]
+
+
+def _free_run(n: int) -> int:
+    """A port p with p .. p+n-1 all free."""
+    for start in range(42000, 60000, 97):
+        if all(_port_is_free(start + i) for i in range(n)):
+            return start
+    pytest.skip("no run of free ports")
+
+
+def test_bad_options_are_refused(tmp_path, capsys):
+    with pytest.raises(LaunchError, match="exclusive"):
+        config("--load-4bit", "--load-8bit")
+    with pytest.raises(LaunchError, match="workers-per-model"):
+        config("--workers-per-model", "0")
+    from llava_med.serve.launch import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--load-4bit", "--load-8bit", "--log-dir", str(tmp_path)])
+    assert exc.value.code == 2 and "exclusive" in capsys.readouterr().err
+
+
+def test_subcommands_are_listed(capsys):
+    from llava_med.__main__ import main
+
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert "launch" in out and "web" in out
+
+
+# ------------------------------------------------------------------------------------------------- real processes
+
+@pytest.mark.slow
+def test_sigterm_stops_every_child(tmp_path):
+    stack = start_launcher(tmp_path / "logs", "--engine", "fake", timeout=90)
+    try:
+        pids = stack.child_pids()
+        assert len(pids) == 3 and all(not pid_gone(p) for p in pids)
+        out = stack.output()
+        for url in (stack.controller_url, stack.web_url, *stack.worker_urls):
+            assert url in out  # the summary prints every URL
+            assert requests.get(url + "/health", timeout=5).status_code == 200
+        assert stack.models() == ["llava-med-fake"]
+        assert stack.terminate(timeout=40) == 0
+        wait_until(lambda: all(pid_gone(p) for p in pids), 10, message="every child gone")
+        for child in stack.info["children"]:
+            assert Path(child["log"]).exists()
+    finally:
+        stack.kill_everything()
+
+
+@pytest.mark.slow
+def test_a_dead_child_is_reported_with_its_log_and_the_rest_stopped(tmp_path):
+    stack = start_launcher(tmp_path / "logs", "--engine", "fake", "--no-web", timeout=60)
+    try:
+        pids = stack.child_pids()
+        worker_pid = stack.pid_of("worker")
+        os.kill(worker_pid, signal.SIGKILL)
+        code = stack.proc.wait(timeout=30)
+        assert code == 1
+        err = stack.stderr_path.read_text()
+        assert f"worker-0 (pid {worker_pid}) exited unexpectedly with code -9" in err
+        assert "fake engine ready" in err  # a line from the tail of the worker's log
+        wait_until(lambda: all(pid_gone(p) for p in pids), 10, message="the other children stopped")
+    finally:
+        stack.kill_everything()
+
+
+@pytest.mark.slow
+def test_a_worker_that_cannot_start_is_reported(tmp_path):
+    """A worker that fails while loading: the launcher exits 1, names it, shows its log, leaves nothing behind."""
+    log_dir = tmp_path / "logs"
+    missing = tmp_path / "no-such-checkpoint"
+    proc = subprocess.run(
+        [sys.executable, "-m", "llava_med.serve.launch", "--log-dir", str(log_dir), *FREE_PORTS, "--no-web",
+         "--model-path", str(missing), "--local-files-only", "--startup-timeout", "120"],
+        capture_output=True, text=True, timeout=150, env=_base_env(None), check=False,
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert "worker-0" in proc.stderr and "exited while starting" in proc.stderr
+    assert str(missing) in proc.stderr  # the worker's own error message, from its log tail
+    assert not (log_dir / "stack.json").exists()
+    pids = [int(pid) for pid in re.findall(r"started [\w-]+ \(pid (\d+)\)", proc.stderr)]
+    assert len(pids) == 2  # controller and worker
+    wait_until(lambda: all(pid_gone(p) for p in pids), 10, message="the controller stopped too")
