@@ -38,7 +38,8 @@ setup(
     extras_require={
         "quant": ["bitsandbytes>=0.45"],
         "web": ["gradio>=6,<7"],
-        "test": ["pytest>=8", "pytest-timeout>=2.3"],
+        # gradio_client drives the web UI in tests; playwright drives the system's Chromium (no browser download).
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "gradio_client>=2,<3", "playwright>=1.40"],
     },
     entry_points={"console_scripts": ["llava-med=llava_med.__main__:main"]},
     classifiers=[

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Installs the package into .venv (see setup_env.sh) and asks the embedded tiny model about a real CT slice
-# (pydicom's bundled CT_small.dcm). The tiny model has random weights: its answer is noise, but every part of
-# the real path runs: checkpoint loading, DICOM decoding, CLIP, projector, prompt template and generation.
+# Installs the package into .venv (see setup_env.sh) and starts the whole local stack on the embedded tiny model:
+# a controller, one model worker and the web chat, then prints the URLs (open the web UI's in a browser).
+# Ctrl-C stops everything. The tiny model has random weights: its answers are noise, but every part of the real
+# path runs: checkpoint loading, DICOM decoding, CLIP, projector, prompt template, streaming generation, Stop.
+# Extra arguments go to `llava-med launch`, e.g. `bash scripts/demo.sh --web-port 8080` or `--model-path ...`.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-EXTRAS="${EXTRAS:-quant}"
+EXTRAS="${EXTRAS:-web}"
 source "$ROOT/scripts/setup_env.sh"
-IMAGE="$("$VENV/bin/python" -c 'import pydicom.data; print(pydicom.data.get_testdata_file("CT_small.dcm"))')"
-exec "$VENV/bin/llava-med" chat --query "Describe the image." --image-file "$IMAGE" --max-new-tokens 48 "$@"
+cd "$ROOT"
+exec "$VENV/bin/llava-med" launch "$@"

@@ -8,7 +8,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${VENV:-$ROOT/.venv}"
 PYTHON="${PYTHON:-python3}"
 TORCH_SPEC="${TORCH_SPEC-torch==2.13.0}"
-EXTRAS="${EXTRAS:-test,quant}"
+EXTRAS="${EXTRAS:-test,quant,web}"
 
 if [ ! -x "$VENV/bin/python" ]; then
   echo "creating virtualenv $VENV" >&2

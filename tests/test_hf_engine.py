@@ -98,18 +98,17 @@ def test_max_batch_size_one_runs_one_at_a_time(tiny_loaded):
 
 def test_cancelled_request_leaves_within_one_step_others_unchanged(tiny_loaded):
     reqs = _mixed_requests(4)
-    victim = GenerateRequest(prompt="[INST] <image>\nDescribe everything. [/INST]", images=[_b64_image(9)],
-                             temperature=0.0, max_new_tokens=500, ignore_eos=True)
+    # Long enough that it cannot finish on its own while the test looks away, even on a loaded machine.
+    victim = GenerateRequest(prompt="[INST] Describe everything. [/INST]", temperature=0.0, max_new_tokens=1900,
+                             ignore_eos=True)
 
     async def body(engine):
         others = [asyncio.create_task(_collect(engine, r)) for r in reqs]
         stream = engine.generate_stream(victim)
-        seen = 0
         async for _ in stream:
-            seen += 1
-            if seen == 3:
-                break
-        running = next(r for r in engine._running.values() if r.state.params.max_new_tokens == 500)
+            break  # the victim is running
+        with engine._lock:
+            running = next(r for r in list(engine._running.values()) if r.state.params.max_new_tokens == 1900)
         with engine._lock:  # flag it exactly as a disconnect does, and note how many steps it took so far
             running.cancelled = True
             steps_at_cancel = running.steps
@@ -123,7 +122,7 @@ def test_cancelled_request_leaves_within_one_step_others_unchanged(tiny_loaded):
     _, _, victim_steps, victim_tokens = cancelled[0]
     # At most the step already in flight when the flag was set still includes it.
     assert victim_steps <= steps_at_cancel + 1
-    assert len(victim_tokens) < 100
+    assert len(victim_tokens) < 1900
     for req, outputs in zip(reqs, results):
         assert outputs[-1].token_ids == _alone(tiny_loaded, engine, req)[1]
     assert engine.queue_length() == 0
