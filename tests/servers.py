@@ -273,3 +273,34 @@ class ThreadedServer:
 def threaded_server(app: Any) -> Iterator[ThreadedServer]:
     with ThreadedServer(app) as server:
         yield server
+
+
+@dataclass
+class InProcessStack:
+    """A controller and one fake-engine worker served by uvicorn in this process (see :func:`in_process_stack`)."""
+
+    controller_url: str
+    worker_url: str
+    engine: Any
+    worker: Any
+
+
+@contextlib.contextmanager
+def in_process_stack(engine: Any, model: str) -> Iterator[InProcessStack]:
+    """Controller + worker over ``engine`` on free loopback ports, in threads; yields once the model is listed.
+
+    For tests that talk real HTTP but look inside the engine (its counters) or the worker.
+    """
+    from llava_med.serve.controller import Controller
+    from llava_med.serve.controller import create_app as create_controller_app
+    from llava_med.serve.model_worker import ModelWorker
+    from llava_med.serve.model_worker import create_app as create_worker_app
+
+    controller = Controller(heart_beat_expiration=30)
+    with ThreadedServer(create_controller_app(controller)) as ctrl:
+        port = free_port()
+        worker = ModelWorker(engine, worker_addr=f"http://{HOST}:{port}", controller_addr=ctrl.url,
+                             heart_beat_interval=5)
+        with ThreadedServer(create_worker_app(worker), port=port) as wrk:
+            wait_until(lambda: controller.list_models() == [model], 10, message="worker registered")
+            yield InProcessStack(ctrl.url, wrk.url, engine, worker)

@@ -5,11 +5,10 @@ from __future__ import annotations
 import base64
 import io
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import pytest
 from PIL import Image
-from servers import ThreadedServer, free_port, wait_until
+from servers import InProcessStack, ThreadedServer, free_port, in_process_stack, wait_until
 
 from llava_med.serve.client import (
     ClientChunk,
@@ -32,25 +31,10 @@ PROMPT = "[INST] <image>\nDescribe the scan. [/INST]"
 ANSWER = "This is a fake answer about: Describe the scan. (end)"
 
 
-@dataclass
-class Stack:
-    controller_url: str
-    worker_url: str
-    engine: FakeEngine
-    worker: ModelWorker
-
-
 @pytest.fixture(scope="module")
-def stack() -> Iterator[Stack]:
-    controller = Controller(heart_beat_expiration=30)
-    with ThreadedServer(create_controller_app(controller)) as ctrl:
-        port = free_port()
-        engine = FakeEngine(["fake-med"], token_delay=0.005)
-        worker = ModelWorker(engine, worker_addr=f"http://127.0.0.1:{port}", controller_addr=ctrl.url,
-                             heart_beat_interval=5)
-        with ThreadedServer(create_worker_app(worker), port=port) as wrk:
-            wait_until(lambda: controller.list_models() == ["fake-med"], 10, message="worker registered")
-            yield Stack(ctrl.url, wrk.url, engine, worker)
+def stack() -> Iterator[InProcessStack]:
+    with in_process_stack(FakeEngine(["fake-med"], token_delay=0.005), "fake-med") as stack:
+        yield stack
 
 
 def png_image() -> Image.Image:

@@ -9,13 +9,12 @@ import json
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import requests
 from PIL import Image
-from servers import ThreadedServer, free_port, wait_until
+from servers import InProcessStack, free_port, in_process_stack, wait_until
 
 from llava_med.constants import ErrorCode
 from llava_med.errors import ImageError, ImageTooLargeError
@@ -26,8 +25,6 @@ from llava_med.serve.client import (
     NoWorkerError,
     WorkerError,
 )
-from llava_med.serve.controller import Controller
-from llava_med.serve.controller import create_app as create_controller_app
 from llava_med.serve.fake_engine import FakeEngine
 from llava_med.serve.gradio_web_server import (
     TURN_DONE,
@@ -214,25 +211,10 @@ def test_cli_flags():
 # ------------------------------------------------------------------------------------------------- handlers
 
 
-@dataclass
-class FakeStack:
-    controller_url: str
-    worker_url: str
-    engine: FakeEngine
-    worker: ModelWorker
-
-
 @pytest.fixture(scope="module")
-def fake_stack() -> Iterator[FakeStack]:
-    controller = Controller(heart_beat_expiration=30)
-    with ThreadedServer(create_controller_app(controller)) as ctrl:
-        port = free_port()
-        engine = FakeEngine(["fake-med"], token_delay=0.02, conv_mode="llava_v1")
-        worker = ModelWorker(engine, worker_addr=f"http://127.0.0.1:{port}", controller_addr=ctrl.url,
-                             heart_beat_interval=5)
-        with ThreadedServer(create_worker_app(worker), port=port) as wrk:
-            wait_until(lambda: controller.list_models() == ["fake-med"], 10, message="worker registered")
-            yield FakeStack(ctrl.url, wrk.url, engine, worker)
+def fake_stack() -> Iterator[InProcessStack]:
+    with in_process_stack(FakeEngine(["fake-med"], token_delay=0.02, conv_mode="llava_v1"), "fake-med") as stack:
+        yield stack
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hmac
 import logging
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 import uvicorn
@@ -87,6 +88,24 @@ def error_json(code: ErrorCode | int, message: str, status_code: int | None = No
     chunk = error_chunk(code, message)
     body = ErrorResponse(error_code=int(code), message=message, text=chunk.text)
     return JSONResponse(body.model_dump(), status_code=status_code or http_status_for(code))
+
+
+def service_app(title: str, service: Any, state_name: str) -> FastAPI:
+    """A FastAPI app whose lifespan runs ``await service.start()`` and ``await service.close()``, with the service on
+    ``app.state.<state_name>`` and the shared error handlers installed. Routes are added by the caller."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await service.start()
+        try:
+            yield
+        finally:
+            await service.close()
+
+    app = FastAPI(title=title, lifespan=lifespan)
+    setattr(app.state, state_name, service)
+    install_error_handlers(app)
+    return app
 
 
 def install_error_handlers(app: FastAPI) -> None:

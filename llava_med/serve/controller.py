@@ -16,7 +16,6 @@ import random
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -407,17 +406,7 @@ async def _close_response(response: httpx.Response) -> None:
 def create_app(controller: Controller) -> FastAPI:
     """The controller's FastAPI app; the controller's expiry task runs for the app's lifetime."""
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await controller.start()
-        try:
-            yield
-        finally:
-            await controller.close()
-
-    app = FastAPI(title="LLaVA-Med controller", lifespan=lifespan)
-    app.state.controller = controller
-    _http.install_error_handlers(app)
+    app = _http.service_app("LLaVA-Med controller", controller, "controller")
 
     @app.post("/register_worker")
     async def register_worker(request: Request) -> Any:

@@ -21,7 +21,6 @@ import asyncio
 import logging
 import sys
 from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
@@ -385,17 +384,7 @@ class ModelWorker:
 def create_app(worker: ModelWorker) -> FastAPI:
     """The worker's FastAPI app; its lifespan loads the model in the background and runs the heartbeat."""
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await worker.start()
-        try:
-            yield
-        finally:
-            await worker.close()
-
-    app = FastAPI(title="LLaVA-Med model worker", lifespan=lifespan)
-    app.state.worker = worker
-    _http.install_error_handlers(app)
+    app = _http.service_app("LLaVA-Med model worker", worker, "worker")
 
     async def parse(request: Request) -> GenerateRequest:
         return parse_generate_request(await _http.read_body(request, worker.max_request_bytes))
