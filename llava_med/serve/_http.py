@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 from collections.abc import AsyncIterator
@@ -88,6 +89,19 @@ def error_json(code: ErrorCode | int, message: str, status_code: int | None = No
     chunk = error_chunk(code, message)
     body = ErrorResponse(error_code=int(code), message=message, text=chunk.text)
     return JSONResponse(body.model_dump(), status_code=status_code or http_status_for(code))
+
+
+async def stop_task(task: asyncio.Task | None) -> None:
+    """Cancel a background task and wait for it; a failure it ended with is logged, never raised."""
+    if task is None:
+        return
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+    except Exception:  # noqa: BLE001 - shutting down: report and go on
+        logger.exception("background task %s failed", task.get_name())
 
 
 def service_app(title: str, service: Any, state_name: str) -> FastAPI:

@@ -133,12 +133,7 @@ class Controller:
 
     async def close(self) -> None:
         task, self._expiry_task = self._expiry_task, None
-        if task is not None:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+        await _http.stop_task(task)
         client, self._client = self._client, None
         if client is not None:
             await client.aclose()

@@ -186,14 +186,7 @@ class ModelWorker:
 
     async def close(self) -> None:
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
-            except Exception:  # noqa: BLE001
-                logger.exception("background task failed")
+        await _http.stop_task(task)
         try:
             await self.engine.shutdown()
         except Exception:  # noqa: BLE001
