@@ -162,3 +162,10 @@ def test_encode_image_reads_local_files_given_as_paths(tmp_path):
     path.write_bytes(b"\x89PNG fake bytes")
     assert base64.b64decode(encode_image(Path(path))) == b"\x89PNG fake bytes"
     assert encode_image("aGVsbG8=") == "aGVsbG8="  # strings are base64 already, never read as paths
+
+
+def test_conv_template_of_a_worker(stack):
+    client = LlavaMedClient(stack.controller_url)
+    assert client.conv_template(stack.worker_url) == "mistral_instruct"
+    with pytest.raises(ClientConnectionError):
+        client.conv_template(f"http://127.0.0.1:{free_port()}")

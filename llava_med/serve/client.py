@@ -24,6 +24,7 @@ import requests
 from llava_med.constants import ErrorCode, worker_api_timeout
 from llava_med.serve.protocol import (
     CHUNK_DELIMITER,
+    ConvTemplateResponse,
     StreamChunk,
     StreamProtocolError,
     WorkerStatus,
@@ -214,6 +215,13 @@ class LlavaMedClient:
         """``/worker_get_status`` of ``url`` (default: this client's worker, else its controller)."""
         target = (url or self.worker_url or self._controller()).rstrip("/")
         return WorkerStatus.model_validate(self._post(target + "/worker_get_status").json())
+
+    def conv_template(self, url: str | None = None) -> str | None:
+        """The prompt template a worker reports (``/worker_get_conv_template``; default: this client's worker)."""
+        target = (url or self.worker_url or "").rstrip("/")
+        if not target:
+            raise ClientError("conv_template needs a worker URL")
+        return ConvTemplateResponse.model_validate(self._post(target + "/worker_get_conv_template").json()).conv_mode
 
     def register_worker(self, worker_name: str, check_heart_beat: bool = False,
                         worker_status: WorkerStatus | dict[str, Any] | None = None) -> dict[str, Any]:

@@ -632,19 +632,14 @@ class WebUI:
         if self.config.conv_mode:
             return self.config.conv_mode
         try:
-            resp = client.session.post(worker_url.rstrip("/") + "/worker_get_conv_template",
-                                       timeout=(CONTROL_TIMEOUT, CONTROL_TIMEOUT))
-            if resp.status_code == 200:
-                name = resp.json().get("conv_mode")
-                if isinstance(name, str) and name in template_names():
-                    return name
-                if name:
-                    logger.warning("worker %s reports an unknown template %r; using %s", worker_url, name,
-                                   DEFAULT_CONV_MODE)
-            elif resp.status_code != 404:
-                logger.warning("worker %s answered %d to /worker_get_conv_template", worker_url, resp.status_code)
-        except (OSError, ValueError) as exc:  # requests' errors are OSErrors
-            logger.warning("cannot ask %s for its template: %s", worker_url, exc)
+            name = client.conv_template(worker_url)
+        except ClientError as exc:  # an older worker without the endpoint, or one that went away
+            logger.warning("cannot ask %s for its template (%s); using %s", worker_url, exc, DEFAULT_CONV_MODE)
+            return DEFAULT_CONV_MODE
+        if name in template_names():
+            return name
+        if name:
+            logger.warning("worker %s reports an unknown template %r; using %s", worker_url, name, DEFAULT_CONV_MODE)
         return DEFAULT_CONV_MODE
 
     # ---------------------------------------------------------------------------------------- outputs

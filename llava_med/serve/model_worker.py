@@ -44,6 +44,7 @@ from llava_med.serve.protocol import (
     CountTokenResponse,
     GenerateRequest,
     HealthResponse,
+    ConvTemplateResponse,
     ModelDetailsResponse,
     StreamChunk,
     WorkerStatus,
@@ -431,7 +432,7 @@ def create_app(worker: ModelWorker) -> FastAPI:
     async def worker_get_conv_template() -> Any:
         if not worker.ready:
             return _http.error_json(ErrorCode.ENGINE_OVERLOADED, "the model is not loaded yet", status_code=503)
-        return {"conv_mode": worker.engine.conv_mode}
+        return ConvTemplateResponse(conv_mode=worker.engine.conv_mode)
 
     @app.post("/model_details")
     async def model_details() -> Any:

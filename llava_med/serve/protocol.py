@@ -217,6 +217,12 @@ class ModelDetailsResponse(WireModel):
     context_length: int
 
 
+class ConvTemplateResponse(WireModel):
+    """``/worker_get_conv_template``: the prompt template the served checkpoint was trained with."""
+
+    conv_mode: str | None = None
+
+
 class HealthResponse(WireModel):
     """``GET /health``: ``ok`` (200), ``loading`` or ``error`` (503)."""
 
