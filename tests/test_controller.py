@@ -297,6 +297,21 @@ def test_relay_worker_timeout():
     c.add_worker("http://w:1", True, status("m"))
     [chunk] = relay(c, {"model": "m", "prompt": "P"})
     assert chunk.error_code == ErrorCode.CONTROLLER_WORKER_TIMEOUT and "http://w:1" in chunk.text
+    assert list(c.workers()) == ["http://w:1"], "a slow worker is not a dead one: heartbeats decide"
+
+
+def test_relay_connect_timeout_tries_another_worker():
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.host == "slow":
+            raise httpx.ConnectTimeout("connect timed out", request=request)
+        return httpx.Response(200, stream=_Body([encode_chunk(StreamChunk(text="P ok", finish_reason="stop"))]))
+
+    c = Controller(transport=mock_transport(handler))
+    c.add_worker("http://slow:1", True, status("m"))
+    c.add_worker("http://live:1", True, status("m", queue_length=5))
+    chunks = relay(c, {"model": "m", "prompt": "P"})
+    assert [ch.text for ch in chunks] == ["P ok"]
+    assert list(c.workers()) == ["http://live:1"]
 
 
 def test_relay_forwards_worker_http_errors_as_chunks():

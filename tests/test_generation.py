@@ -97,6 +97,8 @@ def test_text_assembler_stops_at_stop_string_and_holds_back_prefix(tiny_loaded):
         ({"max_new_tokens": -5}, "max_new_tokens must be >= 1", ErrorCode.PARAM_OUT_OF_RANGE),
         ({"max_new_tokens": 2.5}, "max_new_tokens must be an integer", ErrorCode.BAD_REQUEST),
         ({"seed": "x"}, "seed", ErrorCode.BAD_REQUEST),
+        ({"seed": 2**100}, "seed must be between", ErrorCode.PARAM_OUT_OF_RANGE),
+        ({"seed": -1}, "seed must be between", ErrorCode.PARAM_OUT_OF_RANGE),
     ],
 )
 def test_sampling_params_validation(kwargs, message, code):

@@ -251,3 +251,30 @@ def test_requests_prefilled_together_match_alone(tiny_loaded):
     assert engine.stats.prefill_calls < engine.stats.prefills, "some requests were prefilled together"
     for req, outputs in zip(reqs, results):
         assert outputs[-1].token_ids == _alone(tiny_loaded, engine, req)[1]
+
+
+def test_cancelled_waiting_requests_free_their_queue_slots(tiny_loaded):
+    """Clients that leave while queued stop counting at once: the next request is not refused as busy."""
+    long = GenerateRequest(prompt="[INST] hello [/INST]", temperature=0, max_new_tokens=1500, ignore_eos=True)
+    short = GenerateRequest(prompt="[INST] hi [/INST]", temperature=0, max_new_tokens=3)
+
+    async def body(engine):
+        running = engine.generate_stream(long)
+        await running.__anext__()
+        waiting = [asyncio.create_task(_collect(engine, short)) for _ in range(2)]
+        deadline = time.monotonic() + DEADLINE
+        while engine.queue_length() < 3 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert engine.queue_length() == 3
+        for task in waiting:
+            task.cancel()
+        await asyncio.gather(*waiting, return_exceptions=True)
+        assert engine.queue_length() == 1, "only the running request still counts"
+        assert len(engine._waiting) == 0
+        ok = asyncio.create_task(_collect(engine, short))  # queue has room again: not refused as busy
+        await asyncio.sleep(0.05)
+        await running.aclose()
+        return await ok
+
+    result = _run(body, tiny_loaded, max_batch_size=1, max_queue=2)
+    assert result[-1].finish_reason in ("stop", "length")

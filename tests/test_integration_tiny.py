@@ -94,9 +94,12 @@ def test_worker_reports_its_template(stack):
         ({"prompt": PROMPT, "images": [IMAGE], "max_new_tokens": -3}, ErrorCode.PARAM_OUT_OF_RANGE, "max_new_tokens"),
         ({"prompt": PROMPT, "images": [IMAGE], "temperature": -1}, ErrorCode.PARAM_OUT_OF_RANGE, "temperature"),
         ({"prompt": PROMPT, "images": [IMAGE], "image_process_mode": "Stretch"}, ErrorCode.BAD_REQUEST, "Stretch"),
+        ({"prompt": PROMPT, "images": [IMAGE], "stop": ["x"] * 17}, ErrorCode.BAD_REQUEST, "at most 16 stop"),
+        ({"prompt": PROMPT, "images": [IMAGE], "stop": "y" * 4000}, ErrorCode.BAD_REQUEST, "limited to 256"),
+        ({"prompt": PROMPT, "images": [IMAGE], "seed": 2**100}, ErrorCode.PARAM_OUT_OF_RANGE, "seed"),
     ],
     ids=["bad-base64", "truncated", "missing-image", "extra-image", "too-long", "file-path", "neg-tokens",
-         "neg-temperature", "bad-mode"],
+         "neg-temperature", "bad-mode", "many-stops", "long-stop", "huge-seed"],
 )
 def test_bad_requests_to_real_worker_then_good_one(stack, pload, code, words):
     _, real = stack

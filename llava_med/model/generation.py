@@ -53,6 +53,8 @@ class SamplingParams:
             raise bad(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise BadRequestError(f"seed must be an integer, got {self.seed!r}")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise bad(f"seed must be between 0 and 2**63 - 1, got {self.seed}")
 
     @property
     def greedy(self) -> bool:
@@ -100,6 +102,8 @@ class TextAssembler:
         self._decoded = ""
         self._prefix_offset = 0
         self._read_offset = 0
+        self._checked = 0  # length of ``_decoded`` already searched for stop strings
+        self._longest_stop = max((len(x) for x in self.stop), default=0)
         self.stopped = False
 
     def add(self, token_id: int) -> bool:
@@ -113,10 +117,13 @@ class TextAssembler:
             self._prefix_offset = self._read_offset
             self._read_offset = len(self.token_ids)
         if self.stop:
-            cut, hit = truncate_at_stop(self._decoded, self.stop)
+            # Only text added since the last check (plus a stop string's length of overlap) can hold a new match.
+            start = max(0, self._checked - self._longest_stop + 1)
+            cut, hit = truncate_at_stop(self._decoded[start:], self.stop)
             if hit:
-                self._decoded = cut
+                self._decoded = self._decoded[:start] + cut
                 self.stopped = True
+            self._checked = len(self._decoded)
         return self.stopped
 
     @property

@@ -87,8 +87,9 @@ def stop_holdback(text: str, stop: Sequence[str]) -> int:
     """Characters at the end of ``text`` that may be the start of a stop string (not safe to stream yet)."""
     hold = 0
     for s in stop:
-        for k in range(min(len(s) - 1, len(text)), 0, -1):
-            if text.endswith(s[:k]):
-                hold = max(hold, k)
+        tail = text[-(len(s) - 1):] if len(s) > 1 else ""
+        for k in range(len(tail), hold, -1):  # longest first; shorter than the current hold cannot matter
+            if s.startswith(tail[len(tail) - k:]):
+                hold = k
                 break
     return hold

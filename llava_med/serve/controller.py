@@ -335,7 +335,7 @@ class Controller:
         try:
             try:
                 response = await self.http.send(request, stream=True)
-            except httpx.ConnectError as exc:
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:  # nothing was sent: try another worker
                 logger.warning("relay: cannot connect to %s (%s): removing it", address, exc)
                 self.remove_worker(address)
                 outcome.retry_elsewhere = True
@@ -360,12 +360,12 @@ class Controller:
             if buffer.strip():
                 yield buffer + CHUNK_DELIMITER
         except httpx.TimeoutException as exc:
+            # A busy worker (long queue, slow prefill) is not a dead one: heartbeats decide liveness, not this.
             logger.warning("relay: worker %s timed out: %s", address, exc)
-            self.remove_worker(address)
             yield encode_chunk(error_chunk(
                 ErrorCode.CONTROLLER_WORKER_TIMEOUT,
-                f"worker {address} sent nothing for {self.api_timeout:g} s ({type(exc).__name__}); it was removed "
-                f"from the controller",
+                f"worker {address} sent nothing for {self.api_timeout:g} s ({type(exc).__name__}); it may be "
+                f"overloaded, try again later",
             ))
         except httpx.HTTPError as exc:
             logger.warning("relay: worker %s failed mid-stream: %s: %s", address, type(exc).__name__, exc)

@@ -298,11 +298,17 @@ class HFEngine(Engine):
                 self.cancel(req.rid)
 
     def cancel(self, rid: int) -> None:
-        """Cancel a request: it leaves the batch before the next step and its slot is free."""
+        """Cancel a request: a waiting one frees its queue slot now, a running one leaves before the next step."""
         with self._wakeup:
-            for req in itertools.chain(self._waiting, self._running.values()):
+            for req in list(self._waiting):
                 if req.rid == rid:
-                    req.cancelled = True
+                    self._waiting.remove(req)
+                    req.state.cancel()
+                    self.stats.cancelled += 1
+                    self.stats.recent.append((req.rid, "cancelled", req.steps, ()))
+            running = self._running.get(rid)
+            if running is not None:
+                running.cancelled = True
             self._wakeup.notify_all()
 
     # ----- scheduler thread -----
@@ -411,7 +417,14 @@ class HFEngine(Engine):
         done = []
         for i, r in enumerate(rows):
             r.steps += 1
-            if r.state.advance(logits[i], argmax[i]):
+            try:
+                going_on = r.state.advance(logits[i], argmax[i])
+            except Exception as exc:  # e.g. sampling from non-finite logits: this request fails, not the batch
+                logger.exception("sampling failed for request %d", r.rid)
+                self._fail(r, exc)
+                done.append(r.rid)
+                continue
+            if going_on:
                 self._post_progress(r)
             else:
                 done.append(r.rid)
@@ -446,7 +459,13 @@ class HFEngine(Engine):
             logits = prefilled.logits.float().cpu()
             keep = []
             for j, req in enumerate(group_reqs):
-                if req.state.advance(logits[j]):
+                try:
+                    going_on = req.state.advance(logits[j])
+                except Exception as exc:  # this request fails, not its prefill group
+                    logger.exception("sampling failed for request %d", req.rid)
+                    self._fail(req, exc)
+                    continue
+                if going_on:
                     self._post_progress(req)
                     keep.append(j)
                 else:
@@ -464,8 +483,9 @@ class HFEngine(Engine):
             encoded = model.encode_images(pixels)
             self.stats.vision_images_encoded += len(missing)
             for j, (r, i) in enumerate(missing):
-                feats[r][i] = encoded[j]
-                self._features.put(reqs[r].image_keys[i], encoded[j])
+                # A clone, so a cached entry holds its own features and not the whole batch's output.
+                feats[r][i] = encoded[j].clone()
+                self._features.put(reqs[r].image_keys[i], feats[r][i])
         return [model.embed_prompt(req.prepared.input_ids, fs) for req, fs in zip(reqs, feats, strict=True)]
 
     def _finish(self, req: _Request, *, cancelled: bool = False) -> None:

@@ -423,7 +423,7 @@ def create_app(worker: ModelWorker) -> FastAPI:
         if not worker.ready:
             return _http.error_json(ErrorCode.ENGINE_OVERLOADED, "the model is not loaded yet", status_code=503)
         try:
-            count = worker.engine.count_tokens(data.prompt)
+            count = await asyncio.to_thread(worker.engine.count_tokens, data.prompt)  # tokenising may be slow
         except NotImplementedError as exc:
             return _http.error_json(ErrorCode.INTERNAL_ERROR, str(exc), status_code=501)
         return CountTokenResponse(count=count)

@@ -87,6 +87,10 @@ def auth_headers(token: str | None) -> dict[str, str]:
 MAX_TEMPERATURE = 5.0
 #: Absurd ``max_new_tokens`` values are refused; sane ones above a worker's cap are capped like the original.
 MAX_NEW_TOKENS_LIMIT = 1_000_000
+#: Bounds that keep one request from slowing down the whole batch (stop strings are checked on every token).
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+MAX_SEED = 2**63 - 1
 
 
 class WireModel(BaseModel):
@@ -187,9 +191,20 @@ class GenerateRequest(WireModel):
     max_new_tokens: int = Field(default=256, ge=1, le=MAX_NEW_TOKENS_LIMIT)
     stop: StrictStr | list[StrictStr] | None = None
     echo: bool = True
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     ignore_eos: bool = False
     image_process_mode: StrictStr | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _bounded_stop(cls, value: str | list[str] | None) -> str | list[str] | None:
+        stops = [value] if isinstance(value, str) else (value or [])
+        if len(stops) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}")
+        too_long = [s for s in stops if len(s) > MAX_STOP_CHARS]
+        if too_long:
+            raise ValueError(f"stop strings are limited to {MAX_STOP_CHARS} characters, got one of {len(too_long[0])}")
+        return value
 
     @property
     def stop_strings(self) -> list[str]:
