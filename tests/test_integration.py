@@ -206,3 +206,10 @@ def test_register_worker_script(procs: ProcessGroup):
     dead = subprocess.run([*script, "--worker-name", f"http://127.0.0.1:{free_port()}", "--auth-token", "s3cret"],
                           capture_output=True, text=True, timeout=30)
     assert dead.returncode == 1 and "cannot register" in dead.stderr
+
+
+def test_non_streaming_client_that_leaves_frees_its_slot(stack):
+    worker = stack.workers[0]
+    with pytest.raises(requests.exceptions.ReadTimeout):
+        requests.post(worker.url + "/worker_generate", json=LONG, timeout=(5, 1))
+    wait_until(lambda: queue_length(worker) == 0, 10, message="the worker cancelled the abandoned generation")
