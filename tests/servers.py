@@ -18,7 +18,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -29,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import requests
+
+from llava_med.serve.processes import free_port  # noqa: F401 - re-exported for the tests
 
 HOST = "127.0.0.1"
 
@@ -47,13 +48,6 @@ def original_stream(url: str, pload: dict, timeout: float = 15) -> Iterator[dict
     for chunk in response.iter_lines(decode_unicode=False, delimiter=b"\0"):
         if chunk:
             yield json.loads(chunk.decode())
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0.05,

@@ -28,6 +28,7 @@ import torch
 from llava_med.errors import CheckpointError, MissingDependencyError
 from llava_med.model.image_processing import make_clip_image_processor
 from llava_med.model.modeling import LlavaMedForCausalLM, build_projector
+from llava_med.model.naming import model_name_from_path
 
 logger = logging.getLogger(__name__)
 
@@ -107,14 +108,6 @@ class LoadedModel:
     @property
     def device(self) -> torch.device:
         return self.model.device
-
-
-def model_name_from_path(model_path: str) -> str:
-    """Display name for a checkpoint, as the original ``get_model_name_from_path``."""
-    parts = model_path.strip("/").split("/")
-    if parts[-1].startswith("checkpoint-") and len(parts) > 1:
-        return f"{parts[-2]}_{parts[-1]}"
-    return parts[-1]
 
 
 def resolve_device(device: str) -> str:

@@ -36,6 +36,7 @@ from llava_med.constants import (
     worker_heart_beat_interval,
 )
 from llava_med.errors import LlavaMedError
+from llava_med.model.naming import model_name_from_path
 from llava_med.serve import _http
 from llava_med.serve.args import add_batching_args, add_model_args
 from llava_med.serve.engine import Engine, GenerateOutput
@@ -67,14 +68,6 @@ RETRY_MIN_DELAY = 0.5
 #: After a request starts or ends the worker heartbeats early (the original did at every request), at most this
 #: often, so the controller's queue lengths stay honest.
 EARLY_HEARTBEAT_GAP = 0.5
-
-
-def model_name_from_path(model_path: str) -> str:
-    """The original rule: the last path component, ``parent_checkpoint-N`` for checkpoints."""
-    parts = model_path.rstrip("/").split("/")
-    if parts[-1].startswith("checkpoint-") and len(parts) > 1:
-        return parts[-2] + "_" + parts[-1]
-    return parts[-1]
 
 
 def _usage(out: GenerateOutput) -> dict[str, int]:
