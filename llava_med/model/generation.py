@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from llava_med.errors import BadRequestError, ContextOverflowError
-from llava_med.constants import ErrorCode
+from llava_med.constants import IMAGE_TOKEN_INDEX, ErrorCode
 from llava_med.model.builder import LoadedModel
 from llava_med.model.image_processing import ImageLimits, load_image, normalize_aspect_mode, process_images
 from llava_med.model.prompting import check_image_count, stop_holdback, tokenizer_image_token, truncate_at_stop
@@ -152,6 +152,11 @@ class PreparedPrompt:
         return 0 if self.pixel_values is None else int(self.pixel_values.shape[0])
 
 
+def sequence_length(loaded: LoadedModel, input_ids: Sequence[int]) -> int:
+    """Positions a tokenised prompt takes in the model: each image placeholder becomes its image's tokens."""
+    return len(input_ids) + input_ids.count(IMAGE_TOKEN_INDEX) * (loaded.model.num_image_tokens - 1)
+
+
 def prepare_prompt(
     loaded: LoadedModel,
     prompt: str,
@@ -174,7 +179,7 @@ def prepare_prompt(
     check_image_count(prompt, len(images))
     input_ids = tokenizer_image_token(prompt, loaded.tokenizer)
     per_image = loaded.model.num_image_tokens
-    num_tokens = len(input_ids) + len(images) * (per_image - 1)
+    num_tokens = sequence_length(loaded, input_ids)
     context = loaded.context_len
     if num_tokens >= context:
         raise ContextOverflowError(

@@ -29,7 +29,14 @@ import torch
 from llava_med.constants import ErrorCode
 from llava_med.errors import LlavaMedError
 from llava_med.model.builder import LoadConfig, LoadedModel, load_pretrained_model
-from llava_med.model.generation import PreparedPrompt, SamplingParams, SequenceState, prepare_prompt
+from llava_med.model.naming import model_name_from_path
+from llava_med.model.generation import (
+    PreparedPrompt,
+    SamplingParams,
+    SequenceState,
+    prepare_prompt,
+    sequence_length,
+)
 from llava_med.model.image_processing import ImageLimits
 from llava_med.model.prompting import normalize_stop
 from llava_med.serve.engine import Engine, GenerateOutput
@@ -190,8 +197,6 @@ class HFEngine(Engine):
             return [self._model_name]
         if self.loaded is not None:
             return [self.loaded.model_name]
-        from llava_med.model.builder import model_name_from_path
-
         return [model_name_from_path(self.load_config.model_path or "llava-med-tiny-mistral")]
 
     @property
@@ -239,9 +244,7 @@ class HFEngine(Engine):
 
         if self.loaded is None:
             raise EngineStoppedError("the model is not loaded yet")
-        ids = tokenizer_image_token(prompt, self.loaded.tokenizer)
-        images = prompt.count("<image>")
-        return len(ids) + images * (self.loaded.model.num_image_tokens - 1)
+        return sequence_length(self.loaded, tokenizer_image_token(prompt, self.loaded.tokenizer))
 
     def sampling_params(self, request: GenerateRequest) -> SamplingParams:
         stop = normalize_stop(request.stop) if request.stop is not None else normalize_stop(None, self._default_stop)
