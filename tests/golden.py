@@ -1,0 +1,104 @@
+"""Recorded wire streams: the exact bytes a worker (and the controller's relay) sent for a few fixed requests.
+
+``tests/data/golden_streams.json`` was recorded by ``python tests/golden.py`` before the architecture change of the
+engine, sampling and chat modules; ``tests/integration/test_golden_streams.py`` replays the same requests and
+asserts byte-identical streams, so refactoring can never change what the original clients receive.
+
+Every request is deterministic: greedy or seeded sampling on the tiny checkpoint, with ``--stream-min-interval 0``
+(one chunk per token, no timing in the chunking), or the fake engine without token delay.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import requests
+from PIL import Image, ImageDraw
+
+GOLDEN_FILE = Path(__file__).resolve().parent / "data" / "golden_streams.json"
+
+TINY = "llava-med-tiny-mistral"
+FAKE = "llava-med-fake"
+
+
+def golden_image_b64() -> str:
+    img = Image.new("RGB", (240, 200), (12, 12, 12))
+    ImageDraw.Draw(img).ellipse((40, 30, 200, 170), fill=(210, 205, 190))
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def requests_for(image: str) -> dict[str, tuple[str, Any]]:
+    """name -> (target: 'tiny' | 'fake' | 'relay', JSON body or raw bytes)."""
+    q = "[INST] <image>\nWhat does this scan show? [/INST]"
+    return {
+        "tiny-text-greedy": ("tiny", {"model": TINY, "prompt": "[INST] Is the heart enlarged? [/INST]",
+                                      "temperature": 0, "max_new_tokens": 12}),
+        "tiny-image-greedy": ("tiny", {"model": TINY, "prompt": q, "images": [image], "temperature": 0,
+                                       "max_new_tokens": 12}),
+        "tiny-image-pad-noecho-stop": ("tiny", {"model": TINY, "prompt": q, "images": [image], "temperature": 0,
+                                                "max_new_tokens": 10, "echo": False, "stop": ["</s>", "zz"],
+                                                "image_process_mode": "Crop"}),
+        "tiny-seeded-sampling": ("tiny", {"model": TINY, "prompt": "[INST] Describe a CT scan. [/INST]",
+                                          "temperature": 0.7, "top_p": 0.9, "seed": 1234, "max_new_tokens": 10,
+                                          "ignore_eos": True}),
+        "tiny-defaults": ("tiny", {"model": TINY, "prompt": "[INST] hi [/INST]", "seed": 7, "max_new_tokens": 6}),
+        "tiny-image-count-mismatch": ("tiny", {"model": TINY, "prompt": q, "images": [], "max_new_tokens": 4}),
+        "tiny-bad-json": ("tiny", b"{not json"),
+        "tiny-temperature-out-of-range": ("tiny", {"model": TINY, "prompt": "[INST] hi [/INST]",
+                                                   "temperature": 9.5}),
+        "tiny-missing-prompt": ("tiny", {"model": TINY}),
+        "relay-image-greedy": ("relay", {"model": TINY, "prompt": q, "images": [image], "temperature": 0,
+                                         "max_new_tokens": 8}),
+        "relay-unknown-model": ("relay", {"model": "no-such-model", "prompt": "[INST] hi [/INST]"}),
+        "fake-text": ("fake", {"model": FAKE, "prompt": "[INST] What is a pleural effusion? [/INST]",
+                               "max_new_tokens": 64}),
+        "fake-image-length": ("fake", {"model": FAKE, "prompt": q, "images": [image], "max_new_tokens": 5,
+                                       "echo": False}),
+    }
+
+
+def fetch(url: str, body: Any) -> str:
+    """The raw stream of ``POST url/worker_generate_stream`` (JSON text with its NUL delimiters)."""
+    kwargs = {"data": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) else {
+        "json": body}
+    resp = requests.post(url + "/worker_generate_stream", timeout=120, **kwargs)
+    assert resp.status_code == 200, resp.text
+    return resp.content.decode("ascii")
+
+
+def record_all(urls: dict[str, str]) -> dict[str, str]:
+    image = golden_image_b64()
+    return {name: fetch(urls[target], body) for name, (target, body) in requests_for(image).items()}
+
+
+def main() -> int:  # pragma: no cover - run by hand to (re)record
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from servers import FAST_HEARTBEAT_ENV, ProcessGroup, wait_until
+
+    import tempfile
+
+    group = ProcessGroup(Path(tempfile.mkdtemp(prefix="golden-")), env=FAST_HEARTBEAT_ENV)
+    try:
+        ctrl = group.start_controller()
+        tiny = group.start_worker(ctrl.url, "--stream-min-interval", "0", engine="hf", wait=False)
+        fake = group.start_worker(None, "--fake-token-delay", "0", model_name=FAKE)
+        tiny.wait_healthy(180)
+        wait_until(lambda: requests.post(ctrl.url + "/list_models", timeout=5).json()["models"] == [TINY], 20)
+        streams = record_all({"tiny": tiny.url, "fake": fake.url, "relay": ctrl.url})
+    finally:
+        group.stop_all()
+    GOLDEN_FILE.parent.mkdir(parents=True, exist_ok=True)
+    GOLDEN_FILE.write_text(json.dumps(streams, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    print(f"recorded {len(streams)} streams to {GOLDEN_FILE}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
