@@ -12,7 +12,7 @@ with open("README.md", encoding="utf-8") as fh:
 setup(
     name="llava-med-serve",
     version="0.1.0",
-    description="Controller/worker serving stack, web chat, CLI and OpenAI-compatible API for LLaVA-Med v1.5",
+    description="Controller/worker serving stack, web chat, CLI and Python client for LLaVA-Med v1.5",
     long_description=long_description,
     long_description_content_type="text/markdown",
     license="Apache-2.0",

@@ -1,4 +1,4 @@
-"""LLaVA-Med serving stack: controller, model workers, web UI, CLI, client and evaluation.
+"""LLaVA-Med serving stack: controller, model workers, web UI, CLI, Python client and launcher.
 
 For research use only. Not for clinical use.
 """

@@ -9,13 +9,9 @@ from __future__ import annotations
 import os
 from enum import IntEnum
 
-# Image placeholders, as in the original LLaVA code base.
+# The image placeholder of prompts and its sentinel token id, as in the original LLaVA code base.
 IMAGE_TOKEN_INDEX = -200
 DEFAULT_IMAGE_TOKEN = "<image>"
-DEFAULT_IMAGE_PATCH_TOKEN = "<im_patch>"
-DEFAULT_IM_START_TOKEN = "<im_start>"
-DEFAULT_IM_END_TOKEN = "<im_end>"
-IGNORE_INDEX = -100
 
 # Default ports and addresses of the original project (all bound to loopback by default here).
 DEFAULT_HOST = "127.0.0.1"
@@ -27,7 +23,6 @@ DEFAULT_WORKER_URL = f"http://localhost:{DEFAULT_WORKER_PORT}"
 
 # The message the original clients show; ours always adds the real cause after it.
 SERVER_ERROR_MSG = "**NETWORK ERROR DUE TO HIGH TRAFFIC. PLEASE REGENERATE OR REFRESH THIS PAGE.**"
-MODERATION_MSG = "YOUR INPUT VIOLATES OUR CONTENT MODERATION GUIDELINES. PLEASE TRY AGAIN."
 
 RESEARCH_ONLY_NOTICE = (
     "LLaVA-Med is for research use only. It is not a medical device and must not be used for clinical "

@@ -10,7 +10,7 @@ What differs from the original, on purpose:
   returns a fresh deep copy; :meth:`Conversation.copy` never shares message lists with the original.
 * Several images per message. A user message may be ``(text, image_or_images, image_process_mode)``;
   :meth:`Conversation.get_images` returns the stored image objects as they are (PIL image, bytes or path):
-  decoding, padding and encoding live in :mod:`llava_med.model.image_processing`, not here.
+  decoding lives in :mod:`llava_med.images`, padding and CLIP tensors in :mod:`llava_med.model.preprocess`.
 * The template is picked from a checkpoint's ``config.json`` (:func:`conv_mode_for_config`), never from the
   model's name or path.
 * Real bugs of the original are fixed (asserts turned into exceptions, ``plain`` crashing on an answered turn
@@ -41,6 +41,7 @@ __all__ = [
     "conv_mode_for_config",
     "conv_templates",
     "get_conv_template",
+    "stop_str_for",
     "template_names",
 ]
 
@@ -561,6 +562,11 @@ def get_conv_template(name: str) -> Conversation:
             f"unknown conversation template {name!r}; known templates: {', '.join(template_names())}"
         ) from None
     return _copy.deepcopy(template)
+
+
+def stop_str_for(conv_mode: str | None) -> str | None:
+    """The stop string of template ``conv_mode`` (None for no template, or a template without one)."""
+    return get_conv_template(conv_mode).stop_str if conv_mode else None
 
 
 # model_type of a checkpoint's config.json -> template the checkpoint was trained with.

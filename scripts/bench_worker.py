@@ -16,7 +16,6 @@ import argparse
 import base64
 import datetime as dt
 import io
-import json
 import os
 import platform
 import sys
@@ -34,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from llava_med.model.tiny import ensure_checkpoint  # noqa: E402
 from llava_med.serve.processes import ManagedProcess, free_port, peak_rss_bytes  # noqa: E402
+from llava_med.serve.protocol import iter_chunks  # noqa: E402
 
 
 @dataclass
@@ -84,20 +84,13 @@ def _one_request(url: str, payload: dict) -> tuple[float, int]:
     last = None
     with httpx.stream("POST", f"{url}/worker_generate_stream", json=payload, timeout=600.0) as resp:
         resp.raise_for_status()
-        buf = b""
-        for part in resp.iter_bytes():
-            buf += part
-            while b"\0" in buf:
-                raw, buf = buf.split(b"\0", 1)
-                if not raw:
-                    continue
-                chunk = json.loads(raw)
-                if chunk.get("error_code"):
-                    raise RuntimeError(f"worker error: {chunk['text']}")
-                if ttft is None and chunk.get("text"):
-                    ttft = time.perf_counter() - start
-                last = chunk
-    usage = (last or {}).get("usage") or {}
+        for chunk in iter_chunks(resp.iter_bytes()):
+            if chunk.error_code:
+                raise RuntimeError(f"worker error: {chunk.text}")
+            if ttft is None and chunk.text:
+                ttft = time.perf_counter() - start
+            last = chunk
+    usage = (last.usage if last is not None else None) or {}
     generated = int(usage.get("completion_tokens", payload["max_new_tokens"]))
     return (ttft if ttft is not None else time.perf_counter() - start), generated
 

@@ -10,28 +10,17 @@ Every request is deterministic: greedy or seeded sampling on the tiny checkpoint
 
 from __future__ import annotations
 
-import base64
-import io
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import requests
-from PIL import Image, ImageDraw
+from sample_images import png_b64, scan
 
 GOLDEN_FILE = Path(__file__).resolve().parent / "data" / "golden_streams.json"
 
 TINY = "llava-med-tiny-mistral"
 FAKE = "llava-med-fake"
-
-
-def golden_image_b64() -> str:
-    img = Image.new("RGB", (240, 200), (12, 12, 12))
-    ImageDraw.Draw(img).ellipse((40, 30, 200, 170), fill=(210, 205, 190))
-    buf = io.BytesIO()
-    img.save(buf, "PNG")
-    return base64.b64encode(buf.getvalue()).decode()
 
 
 def requests_for(image: str) -> dict[str, tuple[str, Any]]:
@@ -74,12 +63,11 @@ def fetch(url: str, body: Any) -> str:
 
 
 def record_all(urls: dict[str, str]) -> dict[str, str]:
-    image = golden_image_b64()
+    image = png_b64(scan())
     return {name: fetch(urls[target], body) for name, (target, body) in requests_for(image).items()}
 
 
 def main() -> int:  # pragma: no cover - run by hand to (re)record
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from servers import FAST_HEARTBEAT_ENV, ProcessGroup, wait_until
 
     import tempfile

@@ -17,19 +17,17 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
-import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import requests
 
-from llava_med.serve.processes import free_port  # noqa: F401 - re-exported for the tests
+from llava_med.serve.processes import ManagedProcess, free_port
 
 HOST = "127.0.0.1"
 
@@ -71,88 +69,23 @@ def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0
         time.sleep(interval)
 
 
-@dataclass
-class ServerProcess:
-    """A server started as a subprocess; ``url`` is http://127.0.0.1:<port>."""
+class ServerProcess(ManagedProcess):
+    """A server started as a subprocess on 127.0.0.1:<port> (the project's ManagedProcess, with its URL)."""
 
-    name: str
-    port: int
-    argv: list[str]
-    log_path: Path
-    env: dict[str, str]
-    proc: subprocess.Popen[bytes] | None = None
-    _log_file: Any = field(default=None, repr=False)
+    def __init__(self, name: str, port: int, argv: list[str], log_path: Path, env: dict[str, str]) -> None:
+        super().__init__(name, argv, log_path, f"http://{HOST}:{port}/health", env)
+        self.port = port
 
     @property
     def url(self) -> str:
         return f"http://{HOST}:{self.port}"
 
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def start(self) -> ServerProcess:
-        self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            self.argv, stdout=self._log_file, stderr=subprocess.STDOUT, env=self.env, stdin=subprocess.DEVNULL,
-        )
-        return self
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
     def log_text(self, tail: int | None = 200) -> str:
-        try:
-            lines = self.log_path.read_text(errors="replace").splitlines()
-        except OSError:
-            return ""
-        return "\n".join(lines[-tail:] if tail else lines)
+        return self.log_tail(tail)
 
-    def wait_healthy(self, timeout: float = 30.0) -> ServerProcess:
-        """Wait until ``GET /health`` answers 200; fail early, with the log, if the process exits."""
-        deadline = time.monotonic() + timeout
-        last = "no answer"
-        while time.monotonic() < deadline:
-            if not self.alive():
-                raise RuntimeError(
-                    f"{self.name} exited with status {self.proc.returncode if self.proc else None} before it was "
-                    f"healthy; log {self.log_path}:\n{self.log_text()}"
-                )
-            try:
-                resp = requests.get(self.url + "/health", timeout=2)
-                if resp.status_code == 200:
-                    return self
-                last = f"HTTP {resp.status_code} {resp.text[:200]}"
-            except requests.RequestException as exc:
-                last = f"{type(exc).__name__}"
-            time.sleep(0.05)
-        raise RuntimeError(f"{self.name} not healthy after {timeout:g} s ({last}); log:\n{self.log_text()}")
-
-    def kill(self) -> None:
-        """SIGKILL (a crash) and reap."""
-        if self.alive():
-            assert self.proc is not None
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(timeout=10)
-        self._close_log()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM, then SIGKILL after ``timeout`` seconds."""
-        if self.alive():
-            assert self.proc is not None
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        self._close_log()
-
-    def _close_log(self) -> None:
-        if self._log_file is not None:
-            self._log_file.close()
-            self._log_file = None
+    def wait_healthy(self, timeout: float = 30.0) -> ServerProcess:  # type: ignore[override]
+        super().wait_healthy(timeout)
+        return self
 
 
 def _base_env(env: Mapping[str, str] | None) -> dict[str, str]:
@@ -181,11 +114,8 @@ class ProcessGroup:
         port = port or free_port()
         self._count += 1
         argv = [sys.executable, "-m", module, "--host", HOST, "--port", str(port), *args]
-        proc = ServerProcess(
-            name=f"{name}:{port}", port=port, argv=argv,
-            log_path=self.log_dir / f"{self._count:02d}-{name}-{port}.log",
-            env=_base_env({**self.env, **(env or {})}),
-        )
+        proc = ServerProcess(f"{name}:{port}", port, argv, self.log_dir / f"{self._count:02d}-{name}-{port}.log",
+                             _base_env({**self.env, **(env or {})}))
         self.processes.append(proc)
         proc.start()
         if wait:

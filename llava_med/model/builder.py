@@ -26,7 +26,8 @@ from typing import Any
 import torch
 
 from llava_med.errors import CheckpointError, MissingDependencyError
-from llava_med.model.image_processing import make_clip_image_processor
+from llava_med.model.args import LoadConfig
+from llava_med.model.preprocess import make_clip_image_processor
 from llava_med.model.modeling import LlavaMedForCausalLM, build_projector
 from llava_med.model.naming import model_name_from_path
 
@@ -37,9 +38,7 @@ PROJECTOR_PREFIX = "model.mm_projector."
 # Weights the language model does not own but the LLaVA checkpoint holds.
 _MULTIMODAL_PREFIXES = (PROJECTOR_PREFIX, "model.vision_tower.")
 
-DTYPES = MappingProxyType({"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
-                           "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16})
-DEVICES = ("auto", "cuda", "cpu", "mps")
+DTYPES = MappingProxyType({"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16})
 
 
 def _text_model_classes(model_type: str):
@@ -57,36 +56,6 @@ def _text_model_classes(model_type: str):
             f"({', '.join(sorted(table))})"
         )
     return table[model_type]
-
-
-@dataclass(frozen=True)
-class LoadConfig:
-    """How to load a model. ``model_path=None`` means the embedded tiny checkpoint."""
-
-    model_path: str | None = None
-    model_base: str | None = None
-    model_name: str | None = None
-    device: str = "auto"
-    dtype: str | None = None
-    load_8bit: bool = False
-    load_4bit: bool = False
-    num_gpus: int = 1
-    max_gpu_memory: str | None = None
-    vision_tower: str | None = None
-    conv_mode: str | None = None
-    local_files_only: bool = False
-
-    def __post_init__(self) -> None:
-        if self.device not in DEVICES:
-            raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
-        if self.dtype is not None and self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.load_8bit and self.load_4bit:
-            raise ValueError("choose one of --load-8bit and --load-4bit")
-        if self.num_gpus < 1:
-            raise ValueError(f"num_gpus must be >= 1, got {self.num_gpus}")
-        if self.num_gpus > 1 and self.device not in ("auto", "cuda"):
-            raise ValueError(f"--num-gpus {self.num_gpus} needs --device cuda, got {self.device!r}")
 
 
 @dataclass

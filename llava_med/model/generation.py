@@ -1,65 +1,25 @@
 """Request preparation, sampling, incremental detokenisation and single-request streaming generation.
 
-The pieces (``prepare_prompt``, ``SamplingParams``, ``TokenSampler``, ``TextAssembler``) are what every caller
-uses: the CLI and eval through :func:`generate_stream`, and the worker's batching engine step by step.
+The pieces (``prepare_prompt``, ``TokenSampler``, ``TextAssembler``, ``SequenceState``) are what every caller
+uses: the CLI through :func:`generate_stream`, and the worker's batching engine step by step. Sampling settings
+are :class:`llava_med.sampling.SamplingParams`.
 """
 
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from llava_med.constants import IMAGE_TOKEN_INDEX
 from llava_med.errors import BadRequestError, ContextOverflowError
-from llava_med.constants import IMAGE_TOKEN_INDEX, ErrorCode
 from llava_med.model.builder import LoadedModel
-from llava_med.model.image_processing import ImageLimits, load_image, normalize_aspect_mode, process_images
+from llava_med.images.decode import ImageLimits, load_image
+from llava_med.model.preprocess import normalize_aspect_mode, process_images
 from llava_med.model.prompting import check_image_count, stop_holdback, tokenizer_image_token, truncate_at_stop
-
-# As the original worker: sampling only above this temperature, greedy decoding below it.
-GREEDY_TEMPERATURE = 1e-3
-MAX_TEMPERATURE = 100.0
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """Per-request decoding settings, validated on construction."""
-
-    temperature: float = 0.2
-    top_p: float = 1.0
-    max_new_tokens: int = 512
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-    ignore_eos: bool = False
-
-    def __post_init__(self) -> None:
-        def bad(msg: str) -> BadRequestError:
-            return BadRequestError(msg, code=ErrorCode.PARAM_OUT_OF_RANGE)
-
-        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)):
-            raise BadRequestError(f"temperature must be a number, got {self.temperature!r}")
-        if not math.isfinite(self.temperature) or not 0 <= self.temperature <= MAX_TEMPERATURE:
-            raise bad(f"temperature must be between 0 and {MAX_TEMPERATURE:g}, got {self.temperature}")
-        if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)):
-            raise BadRequestError(f"top_p must be a number, got {self.top_p!r}")
-        if not math.isfinite(self.top_p) or not 0 < self.top_p <= 1:
-            raise bad(f"top_p must be in (0, 1], got {self.top_p}")
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
-            raise BadRequestError(f"max_new_tokens must be an integer, got {self.max_new_tokens!r}")
-        if self.max_new_tokens < 1:
-            raise bad(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise BadRequestError(f"seed must be an integer, got {self.seed!r}")
-        if self.seed is not None and not 0 <= self.seed < 2**63:
-            raise bad(f"seed must be between 0 and 2**63 - 1, got {self.seed}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature <= GREEDY_TEMPERATURE
-
+from llava_med.sampling import CHAT_DEFAULTS, GenerationOutput, SamplingParams
 
 class TokenSampler:
     """Picks the next token from one row of logits: greedy, or temperature + top-p with a per-request seed.
@@ -145,7 +105,7 @@ class PreparedPrompt:
     input_ids: list[int]
     pixel_values: torch.Tensor | None
     num_prompt_tokens: int
-    max_new_tokens: int
+    room: int  # new tokens that fit in the context after the prompt
 
     @property
     def num_images(self) -> int:
@@ -162,13 +122,12 @@ def prepare_prompt(
     prompt: str,
     images: Sequence = (),
     *,
-    max_new_tokens: int = 512,
     image_mode: str | None = None,
     limits: ImageLimits | None = None,
     allow_url: bool = False,
     allow_path: bool = True,
 ) -> PreparedPrompt:
-    """Check and tokenise ``prompt``, decode and preprocess ``images``, and fit ``max_new_tokens`` to the context.
+    """Check and tokenise ``prompt``, decode and preprocess ``images``, and measure the room left in the context.
 
     Raises typed errors (image count mismatch, bad image, context overflow) with messages that name the cause.
     Servers pass ``allow_path=False`` so that image strings from requests are never read as local file names.
@@ -195,19 +154,8 @@ def prepare_prompt(
         input_ids=input_ids,
         pixel_values=pixel_values,
         num_prompt_tokens=num_tokens,
-        max_new_tokens=min(max_new_tokens, context - num_tokens),
+        room=context - num_tokens,
     )
-
-
-@dataclass
-class GenerationUpdate:
-    """One streamed state of a request: ``text`` is cumulative and excludes the prompt."""
-
-    text: str
-    finish_reason: str | None
-    num_prompt_tokens: int
-    num_generated_tokens: int
-    token_ids: tuple[int, ...] = ()  # every generated token, on the final update only
 
 
 class SequenceState:
@@ -220,7 +168,7 @@ class SequenceState:
         self.sampler = TokenSampler(params)
         self.assembler = TextAssembler(tokenizer, params.stop)
         self.eos_id = tokenizer.eos_token_id
-        self.limit = min(params.max_new_tokens, prepared.max_new_tokens)
+        self.limit = min(params.max_new_tokens, prepared.room)
         self.generated = 0
         self.finish_reason: str | None = None
         self.last_token: int | None = None
@@ -243,11 +191,11 @@ class SequenceState:
         if self.finish_reason is None:
             self.finish_reason = "cancelled"
 
-    def update(self) -> GenerationUpdate:
+    def update(self) -> GenerationOutput:
         """The state to stream now (the final text and token ids once finished)."""
         if self.finish_reason is None:
-            return GenerationUpdate(self.assembler.text, None, self.prepared.num_prompt_tokens, self.generated)
-        return GenerationUpdate(self.assembler.final_text, self.finish_reason, self.prepared.num_prompt_tokens,
+            return GenerationOutput(self.assembler.text, None, self.prepared.num_prompt_tokens, self.generated)
+        return GenerationOutput(self.assembler.final_text, self.finish_reason, self.prepared.num_prompt_tokens,
                                 self.generated, tuple(self.assembler.token_ids))
 
 
@@ -258,7 +206,7 @@ def generate_stream(
     params: SamplingParams,
     *,
     is_cancelled: Callable[[], bool] | None = None,
-) -> Iterator[GenerationUpdate]:
+) -> Iterator[GenerationOutput]:
     """Generate for one request, yielding an update per token; the last update has ``finish_reason`` set
     (``"stop"``: end of sequence or a stop string; ``"length"``: ``max_new_tokens`` or the context is full;
     ``"cancelled"``: ``is_cancelled()`` returned True).
@@ -290,9 +238,9 @@ def generate(
     *,
     image_mode: str | None = None,
 ) -> str:
-    """Whole answer for one templated prompt (convenience for scripts and eval)."""
-    params = params or SamplingParams()
-    prepared = prepare_prompt(loaded, prompt, images, max_new_tokens=params.max_new_tokens, image_mode=image_mode)
+    """Whole answer for one templated prompt (convenience for scripts and tests)."""
+    params = params or CHAT_DEFAULTS
+    prepared = prepare_prompt(loaded, prompt, images, image_mode=image_mode)
     text = ""
     for update in generate_stream(loaded, prepared, params):
         text = update.text

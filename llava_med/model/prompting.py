@@ -1,13 +1,11 @@
-"""Prompt tokenisation with image placeholders, and stop strings. Shared by the worker, the CLI and eval."""
+"""Prompt tokenisation with image placeholders, and stop-string matching. Shared by the engine and the CLI."""
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 from llava_med.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
-from llava_med.conversation import get_conv_template
-from llava_med.errors import BadRequestError, ImageCountMismatchError
+from llava_med.errors import ImageCountMismatchError
 
 
 def tokenizer_image_token(prompt: str, tokenizer, image_token_index: int = IMAGE_TOKEN_INDEX) -> list[int]:
@@ -43,34 +41,6 @@ def check_image_count(prompt: str, num_images: int) -> None:
             f"number of images ({num_images}) does not match number of {DEFAULT_IMAGE_TOKEN} tokens in the prompt "
             f"({tags})"
         )
-
-
-def normalize_stop(stop: str | Iterable[str] | None, *defaults: str | None) -> tuple[str, ...]:
-    """Stop strings of a request plus the template's, deduplicated, empty strings dropped."""
-    items: list[str] = []
-    if isinstance(stop, str):
-        items.append(stop)
-    elif stop is not None:
-        for s in stop:
-            if not isinstance(s, str):
-                raise BadRequestError(f"stop must be a string or a list of strings, got an item {s!r}")
-            items.append(s)
-    items.extend(d for d in defaults if d)
-    seen: dict[str, None] = {}
-    for s in items:
-        if s:
-            seen.setdefault(s, None)
-    return tuple(seen)
-
-
-def build_single_turn_prompt(question: str, num_images: int, conv_mode: str) -> tuple[str, str | None]:
-    """Prompt for one user question with ``num_images`` images, and the template's stop string."""
-    conv = get_conv_template(conv_mode)
-    text = re.sub(r"[ \t]{2,}", " ", question.replace(DEFAULT_IMAGE_TOKEN, "")).strip()
-    message = text if num_images == 0 else (text, [None] * num_images, "Default")
-    conv.append_message(conv.roles[0], message)
-    conv.append_message(conv.roles[1], None)
-    return conv.get_prompt(), conv.stop_str
 
 
 def truncate_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:

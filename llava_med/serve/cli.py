@@ -14,10 +14,12 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from llava_med.chat import Message, render_chat
 from llava_med.constants import RESEARCH_ONLY_NOTICE
 from llava_med.conversation import conv_mode_for_config, get_conv_template
 from llava_med.errors import LlavaMedError
-from llava_med.serve.args import add_model_args, load_config_from_args
+from llava_med.model.args import add_model_args, load_config_from_args
+from llava_med.sampling import CHAT_DEFAULTS
 
 logger = logging.getLogger("llava_med.cli")
 
@@ -33,44 +35,39 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--image-process-mode", default="Default", choices=["Default", "Pad", "Resize", "Crop"],
                         help="how to fit the image to the vision tower (Default: the checkpoint's setting)")
     parser.add_argument("--query", default=None, help="ask this one question, print the answer and exit")
-    parser.add_argument("--temperature", type=float, default=0.2)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--max-new-tokens", type=int, default=512)
+    parser.add_argument("--temperature", type=float, default=CHAT_DEFAULTS.temperature,
+                        help="0 is greedy (default %(default)s)")
+    parser.add_argument("--top-p", type=float, default=CHAT_DEFAULTS.top_p, help="default %(default)s")
+    parser.add_argument("--max-new-tokens", type=int, default=CHAT_DEFAULTS.max_new_tokens,
+                        help="default %(default)s")
     parser.add_argument("--seed", type=int, default=None, help="seed for sampling (temperature > 0)")
     parser.add_argument("--debug", action="store_true", help="log prompts and outputs")
     return parser
 
 
 class ChatSession:
-    """A multi-turn conversation about the given images on one loaded model."""
+    """A multi-turn conversation about the given images on one loaded model (the images go with the first
+    question, as in the web chat)."""
 
     def __init__(self, loaded, conv_mode: str, images: Sequence, image_mode: str, params_kwargs: dict) -> None:
         self.loaded = loaded
-        self.conv = get_conv_template(conv_mode)
-        self.images = list(images)
+        self.conv_mode = conv_mode
+        self.roles = get_conv_template(conv_mode).roles
+        self.images = tuple(images)
         self.image_mode = image_mode
         self.params_kwargs = params_kwargs
+        self.messages: list[Message] = []
 
     def ask(self, question: str):
         """Yield the answer's new text piece by piece; the conversation keeps the whole answer."""
-        from llava_med.model.generation import SamplingParams, generate_stream, prepare_prompt
-        from llava_med.model.prompting import normalize_stop
+        from llava_med.model.generation import generate_stream, prepare_prompt
+        from llava_med.sampling import SamplingParams
 
-        first_turn = not self.conv.messages[self.conv.offset:]
-        if first_turn and self.images:
-            self.conv.append_message(self.conv.roles[0], (question, list(self.images), self.image_mode))
-        else:
-            self.conv.append_message(self.conv.roles[0], question)
-        self.conv.append_message(self.conv.roles[1], None)
-        prompt = self.conv.get_prompt()
-        params = SamplingParams(stop=normalize_stop(None, self.conv.stop_str), **self.params_kwargs)
-        try:
-            prepared = prepare_prompt(self.loaded, prompt, self.conv.get_images(),
-                                      max_new_tokens=params.max_new_tokens, image_mode=self.image_mode)
-        except LlavaMedError:
-            self.conv.messages = self.conv.messages[:-2]
-            raise
-        logger.debug("prompt: %r", prompt)
+        user = Message("user", question, self.images if not self.messages else ())
+        rendered = render_chat([*self.messages, user], self.conv_mode, image_process_mode=self.image_mode)
+        params = SamplingParams(stop=rendered.stop, **self.params_kwargs)
+        prepared = prepare_prompt(self.loaded, rendered.prompt, rendered.images, image_mode=self.image_mode)
+        logger.debug("prompt: %r", rendered.prompt)
         shown = ""
         answer = ""
         try:
@@ -80,7 +77,7 @@ class ChatSession:
                     yield update.text[len(shown):]
                     shown = update.text
         finally:
-            self.conv.update_last_message(answer.strip())
+            self.messages += [user, Message("assistant", answer.strip())]
         logger.debug("output: %r", answer)
 
 
@@ -91,8 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    from llava_med.images.decode import load_image
     from llava_med.model.builder import load_pretrained_model
-    from llava_med.model.image_processing import load_image
 
     try:
         loaded = load_pretrained_model(load_config_from_args(args))
@@ -123,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _interactive(session: ChatSession) -> int:
-    roles = session.conv.roles
+    roles = session.roles
     print(RESEARCH_ONLY_NOTICE, file=sys.stderr)
     while True:
         try:

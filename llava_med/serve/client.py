@@ -1,4 +1,4 @@
-"""Synchronous Python client of the controller and workers (used by the web UI, the CLI, eval and scripts).
+"""Synchronous Python client of the controller and workers (used by the web UI, test_message and scripts).
 
     client = LlavaMedClient("http://localhost:21001")
     print(client.list_models())
@@ -14,16 +14,17 @@ Errors raise :class:`ClientError` subclasses: :class:`NoWorkerError` (no worker 
 from __future__ import annotations
 
 import base64
+import logging
 import os
-import io
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import requests
 
+from llava_med.chat import ChatPrompt, Message, render_chat, resolve_conv_mode
 from llava_med.constants import ErrorCode, worker_api_timeout
+from llava_med.sampling import CHAT_DEFAULTS
 from llava_med.serve.protocol import (
-    CHUNK_DELIMITER,
     ConvTemplateResponse,
     StreamChunk,
     StreamProtocolError,
@@ -44,6 +45,8 @@ __all__ = [
 ]
 
 CONNECT_TIMEOUT = 5.0
+
+logger = logging.getLogger(__name__)
 
 
 class ClientError(Exception):
@@ -87,12 +90,6 @@ class ClientChunk(StreamChunk):
     output: str = ""
 
 
-def _local_encode_png(image: Any) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
 def encode_image(image: Any) -> str:
     """A PIL image, raw bytes, a local file (``pathlib.Path``; PNG, JPEG, DICOM... read here, decoded by the worker)
     or a base64 string -> the base64 string the wire carries."""
@@ -104,10 +101,8 @@ def encode_image(image: Any) -> str:
     if isinstance(image, (bytes, bytearray, memoryview)):
         return base64.b64encode(bytes(image)).decode("ascii")
     if hasattr(image, "save") and hasattr(image, "size"):  # PIL.Image.Image, without importing PIL here
-        try:
-            from llava_med.model.image_processing import encode_image_base64
-        except ImportError:
-            return _local_encode_png(image)
+        from llava_med.images.decode import encode_image_base64
+
         return encode_image_base64(image)
     raise TypeError(f"images must be PIL images, bytes, pathlib.Path files or base64 strings, got "
                     f"{type(image).__name__}")
@@ -223,6 +218,18 @@ class LlavaMedClient:
             raise ClientError("conv_template needs a worker URL")
         return ConvTemplateResponse.model_validate(self._post(target + "/worker_get_conv_template").json()).conv_mode
 
+    def conv_mode_for(self, worker_url: str, explicit: str | None = None) -> str:
+        """The template to render prompts for ``worker_url`` with (:func:`llava_med.chat.resolve_conv_mode`):
+        ``explicit``, else what the worker reports, else ``mistral_instruct`` (also when the worker cannot say)."""
+        if explicit:
+            return resolve_conv_mode(explicit)
+        try:
+            reported = self.conv_template(worker_url)
+        except ClientError as exc:  # an older worker without the endpoint, or one that went away
+            logger.warning("cannot ask %s for its template (%s); using the default", worker_url, exc)
+            reported = None
+        return resolve_conv_mode(None, reported, source=worker_url)
+
     def register_worker(self, worker_name: str, check_heart_beat: bool = False,
                         worker_status: WorkerStatus | dict[str, Any] | None = None) -> dict[str, Any]:
         """Register a worker by hand (the controller asks it for its status when ``worker_status`` is None)."""
@@ -242,9 +249,9 @@ class LlavaMedClient:
         prompt: str,
         images: Sequence[Any] | None = None,
         *,
-        temperature: float = 0.2,
-        top_p: float = 0.7,
-        max_new_tokens: int = 512,
+        temperature: float = CHAT_DEFAULTS.temperature,
+        top_p: float = CHAT_DEFAULTS.top_p,
+        max_new_tokens: int = CHAT_DEFAULTS.max_new_tokens,
         stop: str | list[str] | None = None,
         seed: int | None = None,
         echo: bool = True,
@@ -256,6 +263,21 @@ class LlavaMedClient:
         Raises a :class:`ClientError` subclass for error chunks and network failures. Closing the iterator
         closes the HTTP response (the worker then cancels the generation).
         """
+        if self.worker_url and not via_controller:
+            target = self.worker_url
+        elif via_controller:
+            target = self._controller()
+        else:
+            if not model:
+                raise ValueError("model is required to find a worker through the controller")
+            target = self.get_worker_address(model)
+        return self._stream_to(target, model, prompt, images, temperature=temperature, top_p=top_p,
+                               max_new_tokens=max_new_tokens, stop=stop, seed=seed, echo=echo, **extra)
+
+    def _stream_to(self, target: str, model: str | None, prompt: str, images: Sequence[Any] | None, *,
+                   temperature: float = CHAT_DEFAULTS.temperature, top_p: float = CHAT_DEFAULTS.top_p,
+                   max_new_tokens: int = CHAT_DEFAULTS.max_new_tokens, stop: str | list[str] | None = None,
+                   seed: int | None = None, echo: bool = True, **extra: Any) -> Iterator[ClientChunk]:
         payload: dict[str, Any] = {
             "model": model, "prompt": prompt, "temperature": temperature, "top_p": top_p,
             "max_new_tokens": max_new_tokens, "stop": stop, "echo": echo, **extra,
@@ -264,15 +286,7 @@ class LlavaMedClient:
             payload["images"] = [encode_image(image) for image in images]
         if seed is not None:
             payload["seed"] = seed
-        if self.worker_url and not via_controller:
-            url = self.worker_url + "/worker_generate_stream"
-        elif via_controller:
-            url = self._controller() + "/worker_generate_stream"
-        else:
-            if not model:
-                raise ValueError("model is required to find a worker through the controller")
-            url = self.get_worker_address(model) + "/worker_generate_stream"
-        return self._stream(url, payload, prompt if echo else None)
+        return self._stream(target + "/worker_generate_stream", payload, prompt if echo else None)
 
     def _stream(self, url: str, payload: dict[str, Any], echo_prefix: str | None) -> Iterator[ClientChunk]:
         try:
@@ -313,6 +327,32 @@ class LlavaMedClient:
             output = chunk.output
         return output
 
+    # ------------------------------------------------------------------------------------------------ chat
+    def render(self, model: str | None, messages: Iterable[Message | Mapping[str, Any]], *,
+               conv_mode: str | None = None, image_process_mode: str = "Default") -> tuple[str, ChatPrompt]:
+        """The worker that will answer and the prompt rendered with its template (see :meth:`chat`)."""
+        worker = self.worker_url or self.get_worker_address(model or "")
+        rendered = render_chat(messages, self.conv_mode_for(worker, conv_mode), image_process_mode=image_process_mode)
+        return worker, rendered
 
-# Kept for callers that split a raw stream themselves.
-DELIMITER = CHUNK_DELIMITER
+    def chat(self, model: str | None, messages: Iterable[Message | Mapping[str, Any]], *, stream: bool = False,
+             conv_mode: str | None = None, image_process_mode: str = "Default", **kwargs: Any) -> Any:
+        """Answer the last user message of a conversation.
+
+        ``messages`` are :class:`llava_med.chat.Message` objects or mappings ``{"role", "content", "images"?}``
+        (images: PIL images, bytes, ``pathlib.Path`` files or base64 strings). The prompt is rendered with the
+        template the serving worker reports (or ``conv_mode``), with its stop string. ``stream=False`` returns the
+        answer; ``stream=True`` an iterator of :class:`ClientChunk` (``output``: the answer so far). Other keyword
+        arguments (temperature, top_p, max_new_tokens, seed, ...) go to :meth:`generate_stream`.
+        """
+        worker, rendered = self.render(model, messages, conv_mode=conv_mode, image_process_mode=image_process_mode)
+        kwargs.setdefault("stop", list(rendered.stop))
+        chunks = self._stream_to(worker, model, rendered.prompt, rendered.images,
+                                 image_process_mode=image_process_mode, **kwargs)
+        if stream:
+            return chunks
+        output = ""
+        for chunk in chunks:
+            output = chunk.output
+        return output
+

@@ -33,6 +33,7 @@ from llava_med.errors import LlavaMedError
 from llava_med.serve import _http
 from llava_med.serve.protocol import (
     CHUNK_DELIMITER,
+    FrameSplitter,
     GetWorkerAddressRequest,
     GetWorkerAddressResponse,
     HealthResponse,
@@ -331,7 +332,6 @@ class Controller:
             "POST", url, content=body, headers={"content-type": "application/json"}, timeout=timeout
         )
         response: httpx.Response | None = None
-        buffer = b""
         try:
             try:
                 response = await self.http.send(request, stream=True)
@@ -351,14 +351,12 @@ class Controller:
                         f"{content.decode('utf-8', 'replace')[:300]}",
                     ))
                 return
+            frames = FrameSplitter()
             async for data in response.aiter_bytes():
-                buffer += data
-                *complete, buffer = buffer.split(CHUNK_DELIMITER)
-                for part in complete:
-                    if part:
-                        yield part + CHUNK_DELIMITER
-            if buffer.strip():
-                yield buffer + CHUNK_DELIMITER
+                for frame in frames.feed(data):
+                    yield frame + CHUNK_DELIMITER
+            for frame in frames.finish():
+                yield frame + CHUNK_DELIMITER
         except httpx.TimeoutException as exc:
             # A busy worker (long queue, slow prefill) is not a dead one: heartbeats decide liveness, not this.
             logger.warning("relay: worker %s timed out: %s", address, exc)

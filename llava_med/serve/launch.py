@@ -22,14 +22,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import dataclasses
 import json
 import logging
 import os
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -45,9 +43,10 @@ from llava_med.constants import (
     DEFAULT_WEB_PORT,
     DEFAULT_WORKER_PORT,
 )
-from llava_med.conversation import template_names
+from llava_med.engine.registry import DEFAULT_ENGINE, add_engine_args, engine_names
+from llava_med.model.args import add_model_args
 from llava_med.serve import _http
-from llava_med.serve.processes import ManagedProcess, free_port
+from llava_med.serve.processes import ManagedProcess, ProcessStartError, free_port
 
 __all__ = ["ChildSpec", "LaunchConfig", "LaunchError", "Stack", "build_parser", "config_from_args", "main"]
 
@@ -57,7 +56,6 @@ DEFAULT_LOG_DIR = "logs"
 POLL_INTERVAL = 0.2
 MONITOR_INTERVAL = 0.5
 LOG_TAIL_LINES = 40
-_PR_SET_PDEATHSIG = 1
 
 
 class LaunchError(RuntimeError):
@@ -75,7 +73,7 @@ class LaunchConfig:
     model_paths: list[str | None] = dataclasses.field(default_factory=lambda: [None])
     workers_per_model: int = 1
     gpus: list[str] = dataclasses.field(default_factory=list)
-    engine: str = "hf"
+    engine: str = DEFAULT_ENGINE
     worker_args: list[str] = dataclasses.field(default_factory=list)
     web: bool = True
     web_args: list[str] = dataclasses.field(default_factory=list)
@@ -90,8 +88,8 @@ class LaunchConfig:
             self.model_paths = [None]
         if self.workers_per_model < 1:
             raise LaunchError(f"--workers-per-model must be >= 1, got {self.workers_per_model}")
-        if self.engine not in ("hf", "fake"):
-            raise LaunchError(f"--engine must be 'hf' or 'fake', got {self.engine!r}")
+        if self.engine not in engine_names():
+            raise LaunchError(f"--engine must be one of {', '.join(engine_names())}, got {self.engine!r}")
         for name in ("controller_port", "worker_port", "web_port"):
             port = getattr(self, name)
             if not 0 <= port <= 65535:
@@ -211,34 +209,14 @@ def _child_env(extra: dict[str, str]) -> dict[str, str]:
     return env
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """Linux: the kernel sends SIGTERM to the child when the launcher dies, even by SIGKILL."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass
-
-
 class _Child(ManagedProcess):
-    """A ManagedProcess in its own session (Ctrl-C reaches only the launcher, which stops children in order)
-    that dies with the launcher on Linux."""
+    """A launched server: a ManagedProcess in its own session (Ctrl-C reaches only the launcher, which stops the
+    children in order) that dies with the launcher on Linux, and the spec it was started from."""
 
     def __init__(self, spec: ChildSpec, log_path: Path) -> None:
-        super().__init__(spec.name, spec.argv, log_path, spec.health_url, _child_env(spec.env))
+        super().__init__(spec.name, spec.argv, log_path, spec.health_url, _child_env(spec.env), new_session=True,
+                         die_with_parent=True)
         self.spec = spec
-
-    def start(self) -> _Child:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            self.argv, stdout=self._log, stderr=subprocess.STDOUT, env=self.env, stdin=subprocess.DEVNULL,
-            # The launcher starts children from its main thread and runs no other threads: preexec_fn is safe.
-            start_new_session=True,
-            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,  # noqa: PLW1509
-        )
-        logger.info("started %s (pid %d), log %s", self.name, self.proc.pid, self.log_path)
-        return self
 
 
 class Stack:
@@ -312,24 +290,15 @@ class Stack:
         return time.monotonic() + self.config.startup_timeout
 
     def _wait_health(self, child: _Child) -> None:
-        deadline = self._deadline()
-        last = "no answer yet"
-        while True:
-            self._check_stop()
+        try:
+            child.wait_healthy(self.config.startup_timeout, should_stop=self.stop_event.is_set, client=self._http)
+        except InterruptedError:
+            raise LaunchError("interrupted while starting") from None
+        except ProcessStartError as exc:
             if not child.alive():
-                raise LaunchError(self.death_report(child, "while starting"))
-            try:
-                resp = self._http.get(child.spec.health_url)
-                if resp.status_code == 200:
-                    logger.info("%s is healthy at %s", child.name, child.spec.url)
-                    return
-                last = f"HTTP {resp.status_code}: {resp.text[:200]}"
-            except httpx.HTTPError as exc:
-                last = type(exc).__name__
-            if time.monotonic() > deadline:
-                raise LaunchError(f"{child.name} was not healthy after {self.config.startup_timeout:.0f} s "
-                                  f"({last}); last lines of {child.log_path}:\n{child.log_tail(LOG_TAIL_LINES)}")
-            self.stop_event.wait(POLL_INTERVAL)
+                raise LaunchError(self.death_report(child, "while starting")) from None
+            raise LaunchError(str(exc)) from None
+        logger.info("%s is healthy at %s", child.name, child.spec.url)
 
     def _wait_registered(self, workers: list[_Child]) -> None:
         """Wait until the controller knows every worker."""
@@ -440,19 +409,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers-per-model", type=int, default=1)
     p.add_argument("--gpus", default=None,
                    help="comma-separated devices, e.g. 0,1: worker i gets CUDA_VISIBLE_DEVICES=<i-th, cycling>")
-    p.add_argument("--engine", choices=["hf", "fake"], default="hf",
-                   help="hf: the transformers engine (default); fake: scripted text, for tests and demos")
-    loader = p.add_argument_group("passed to every worker")
-    loader.add_argument("--load-4bit", action="store_true")
-    loader.add_argument("--load-8bit", action="store_true")
-    loader.add_argument("--device", choices=["auto", "cuda", "cpu", "mps"], default=None)
-    loader.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None)
-    loader.add_argument("--conv-mode", choices=template_names(), default=None)
-    loader.add_argument("--local-files-only", action="store_true")
-    loader.add_argument("--max-batch-size", type=int, default=None)
-    loader.add_argument("--worker-arg", action="append", default=[], metavar="ARG",
-                        help="any other worker flag, repeated, e.g. --worker-arg=--fake-token-delay "
-                             "--worker-arg=0.1")
+    p.add_argument("--worker-arg", action="append", default=[], metavar="ARG",
+                   help="any other worker flag, repeated, e.g. --worker-arg=--speed --worker-arg=2")
+    # Every loader and engine flag of the worker, defined once (llava_med.model.args, the engine registry) and
+    # passed on to every worker when set.
+    add_model_args(p.add_argument_group("passed to every worker"), paths=False)
+    add_engine_args(p)
     web = p.add_argument_group("web UI")
     web.add_argument("--no-web", action="store_true", help="do not start the web UI")
     web.add_argument("--share", action="store_true", help="public Gradio share link (off by default)")
@@ -467,21 +429,35 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _worker_flags() -> argparse.ArgumentParser:
+    """A parser holding exactly the worker flags the launcher passes on."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_model_args(parser, paths=False)
+    add_engine_args(parser)
+    return parser
+
+
+def forwarded_worker_args(args: argparse.Namespace) -> list[str]:
+    """The worker flags set on the launcher's command line (other than ``--engine``), as worker arguments."""
+    out: list[str] = []
+    for action in _worker_flags()._actions:
+        if not action.option_strings or action.dest in ("help", "engine"):
+            continue
+        value = getattr(args, action.dest, action.default)
+        if value == action.default:
+            continue
+        flag = action.option_strings[0]
+        if action.nargs == 0:  # store_true / store_false
+            out.append(flag)
+        else:
+            out += [flag, str(value)]
+    return out
+
+
 def config_from_args(args: argparse.Namespace) -> LaunchConfig:
     if args.load_4bit and args.load_8bit:
         raise LaunchError("--load-4bit and --load-8bit are exclusive")
-    worker_args: list[str] = []
-    if args.load_4bit:
-        worker_args.append("--load-4bit")
-    if args.load_8bit:
-        worker_args.append("--load-8bit")
-    for flag in ("device", "dtype", "conv_mode", "max_batch_size"):
-        value = getattr(args, flag)
-        if value is not None:
-            worker_args += [f"--{flag.replace('_', '-')}", str(value)]
-    if args.local_files_only:
-        worker_args.append("--local-files-only")
-    worker_args += args.worker_arg
+    worker_args = forwarded_worker_args(args) + args.worker_arg
     web_args: list[str] = []
     if args.share:
         web_args.append("--share")

@@ -35,11 +35,12 @@ from llava_med.constants import (
     ErrorCode,
     worker_heart_beat_interval,
 )
+from llava_med.conversation import stop_str_for
+from llava_med.engine.base import Engine, EngineRequest, GenerationOutput
+from llava_med.engine.registry import add_engine_args, build_engine
 from llava_med.errors import LlavaMedError
-from llava_med.model.naming import model_name_from_path
+from llava_med.model.args import add_model_args
 from llava_med.serve import _http
-from llava_med.serve.args import add_batching_args, add_model_args
-from llava_med.serve.engine import Engine, GenerateOutput
 from llava_med.serve.protocol import (
     CountTokenRequest,
     CountTokenResponse,
@@ -54,7 +55,7 @@ from llava_med.serve.protocol import (
     parse_generate_request,
 )
 
-__all__ = ["ModelWorker", "build_engine", "build_parser", "create_app", "main", "model_name_from_path", "parse_args"]
+__all__ = ["ModelWorker", "build_parser", "create_app", "main", "parse_args", "worker_from_args"]
 
 logger = logging.getLogger(__name__)
 
@@ -63,19 +64,13 @@ DISCONNECT_POLL_INTERVAL = 0.25
 
 #: The original worker capped max_new_tokens at 1024.
 DEFAULT_MAX_NEW_TOKENS_CAP = 1024
+#: Generations admitted at once when the engine does not say (the original worker's default).
+DEFAULT_LIMIT_MODEL_CONCURRENCY = 5
 CONTROLLER_TIMEOUT = 5.0
 RETRY_MIN_DELAY = 0.5
 #: After a request starts or ends the worker heartbeats early (the original did at every request), at most this
 #: often, so the controller's queue lengths stay honest.
 EARLY_HEARTBEAT_GAP = 0.5
-
-
-def _usage(out: GenerateOutput) -> dict[str, int]:
-    return {
-        "prompt_tokens": out.num_prompt_tokens,
-        "completion_tokens": out.num_generated_tokens,
-        "total_tokens": out.num_prompt_tokens + out.num_generated_tokens,
-    }
 
 
 def _error_code_for(exc: BaseException) -> ErrorCode:
@@ -275,11 +270,12 @@ class ModelWorker:
             self._wake.set()
 
     # ------------------------------------------------------------------------------------------------ generation
-    def prepare(self, request: GenerateRequest) -> GenerateRequest:
-        """Apply the worker's limits (caps max_new_tokens like the original)."""
-        if request.max_new_tokens > self.max_new_tokens_cap:
-            request = request.model_copy(update={"max_new_tokens": self.max_new_tokens_cap})
-        return request
+    def engine_request(self, request: GenerateRequest) -> EngineRequest:
+        """The wire request as the engine takes it: sampling settings validated, the served template's stop string
+        added when the request names none, ``max_new_tokens`` capped like the original worker."""
+        params = request.sampling_params(stop_str_for(self.engine.conv_mode)).capped(self.max_new_tokens_cap)
+        return EngineRequest(prompt=request.prompt, images=tuple(request.images or ()), params=params,
+                             image_mode=request.image_process_mode)
 
     async def generate_chunks(self, request: GenerateRequest) -> AsyncIterator[StreamChunk]:
         """The chunks of one request, errors included; waits for a slot; closing it cancels the generation."""
@@ -290,7 +286,11 @@ class ModelWorker:
                 yield error_chunk(ErrorCode.ENGINE_OVERLOADED,
                                   "the model is still loading; retry when GET /health answers 200")
             return
-        request = self.prepare(request)
+        try:
+            engine_request = self.engine_request(request)
+        except LlavaMedError as exc:
+            yield error_chunk(exc.code, str(exc))
+            return
         if self._semaphore is None:  # used without start() (tests of the class alone)
             self._semaphore = asyncio.Semaphore(self.limit_model_concurrency)
         self.total_requests += 1
@@ -301,11 +301,11 @@ class ModelWorker:
         finally:
             self.waiting -= 1
         self.running += 1
-        outputs: AsyncIterator[GenerateOutput] | None = None
+        outputs: AsyncIterator[GenerationOutput] | None = None
         frames: AsyncIterator[StreamChunk] | None = None
         try:
             try:
-                outputs = self.engine.generate_stream(request)
+                outputs = self.engine.generate_stream(engine_request)
                 frames = self._frames(request, outputs)
                 async for chunk in frames:
                     yield chunk
@@ -325,11 +325,11 @@ class ModelWorker:
             self._semaphore.release()
             self._queue_changed()
 
-    async def _frames(self, request: GenerateRequest, outputs: AsyncIterator[GenerateOutput]
+    async def _frames(self, request: GenerateRequest, outputs: AsyncIterator[GenerationOutput]
                       ) -> AsyncIterator[StreamChunk]:
         prefix = request.prompt if request.echo else ""
         count = 0
-        last: GenerateOutput | None = None
+        last: GenerationOutput | None = None
         last_sent = False
         async for out in outputs:
             count += 1
@@ -337,14 +337,14 @@ class ModelWorker:
             last_sent = out.finish_reason is not None or count % self.stream_interval == 0
             if last_sent:
                 yield StreamChunk(text=prefix + out.text, finish_reason=out.finish_reason,
-                                  usage=_usage(out) if out.finish_reason else None)
+                                  usage=out.usage() if out.finish_reason else None)
             if out.finish_reason is not None:
                 return
         # The engine ended without a final output (or it was not sent because of stream_interval).
-        final = last or GenerateOutput(text="")
+        final = last or GenerationOutput(text="")
         if not last_sent or final.finish_reason is None:
             yield StreamChunk(text=prefix + final.text, finish_reason=final.finish_reason or "stop",
-                              usage=_usage(final))
+                              usage=final.usage())
 
     async def generate_stream(self, request: GenerateRequest) -> AsyncIterator[bytes]:
         """The wire stream of one request."""
@@ -465,7 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"URL the controller uses to reach this worker (default http://<host>:<port>, i.e. "
                         f"{DEFAULT_WORKER_URL} with the default host and port)")
     p.add_argument("--controller-address", type=str, default=DEFAULT_CONTROLLER_URL)
-    # Loader flags shared with the CLI and eval (--model-path, --model-base, --model-name, --device, --dtype,
+    # Loader flags shared with the CLI and the launcher (--model-path, --model-base, --model-name, --device, --dtype,
     # --load-8bit, --load-4bit, --num-gpus, --max-gpu-memory, --vision-tower, --conv-mode, --local-files-only).
     add_model_args(p)
     p.add_argument("--multi-modal", action="store_true",
@@ -473,12 +473,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--use-flash-attn", action="store_true", help="accepted for compatibility")
     p.add_argument("--limit-model-concurrency", "--limit-worker-concurrency", dest="limit_model_concurrency",
                    type=int, default=None,
-                   help="generations admitted at once, more wait in the worker (default: --max-batch-size + --max-queue for "
-                        "--engine hf, 5 for --engine fake)")
+                   help="generations admitted at once, more wait in the worker (default: what the engine holds, "
+                        "--max-batch-size + --max-queue for --engine hf; 5 otherwise)")
     p.add_argument("--stream-interval", type=int, default=1)
     p.add_argument("--no-register", action="store_true")
-    p.add_argument("--engine", type=str, choices=["hf", "fake"], default="hf",
-                   help="hf: the transformers engine (default); fake: scripted text, for tests and demos")
     p.add_argument("--auth-token", type=str, default=None,
                    help=f"shared secret sent to the controller (default: env {_http.AUTH_TOKEN_ENV})")
     p.add_argument("--max-new-tokens-cap", type=int, default=DEFAULT_MAX_NEW_TOKENS_CAP,
@@ -488,12 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speed", type=float, default=1.0, help="relative speed reported to the controller")
     p.add_argument("--log-level", type=str, default="info",
                    choices=["critical", "error", "warning", "info", "debug"])
-    add_batching_args(p)
-    fake = p.add_argument_group("fake engine (--engine fake)")
-    fake.add_argument("--fake-script", type=str, default=None, help="the reply (default: derived from the prompt)")
-    fake.add_argument("--fake-token-delay", type=float, default=0.02, help="seconds per token")
-    fake.add_argument("--fake-load-delay", type=float, default=0.0, help="seconds the fake load takes")
-    fake.add_argument("--fake-context-length", type=int, default=2048)
+    add_engine_args(p)
     return p
 
 
@@ -508,10 +501,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.auth_token = _http.default_auth_token()
     if args.load_8bit and args.load_4bit:
         parser.error("--load-8bit and --load-4bit are exclusive")
-    if args.limit_model_concurrency is None:
-        # The hf engine queues and batches by itself (and answers "busy" past --max-queue).
-        args.limit_model_concurrency = args.max_batch_size + args.max_queue if args.engine == "hf" else 5
-    if args.limit_model_concurrency < 1:
+    if args.limit_model_concurrency is not None and args.limit_model_concurrency < 1:
         parser.error("--limit-model-concurrency must be >= 1")
     if args.stream_interval < 1:
         parser.error("--stream-interval must be >= 1")
@@ -520,21 +510,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def build_engine(args: argparse.Namespace) -> Engine:
-    """The engine selected by ``--engine``; the transformers engine is imported only when chosen."""
-    if args.engine == "fake":
-        from llava_med.conversation import DEFAULT_CONV_MODE
-        from llava_med.serve.fake_engine import DEFAULT_FAKE_MODEL_NAME, FakeEngine
-
-        name = args.model_name or (model_name_from_path(args.model_path) if args.model_path else None)
-        name = name or DEFAULT_FAKE_MODEL_NAME
-        return FakeEngine(
-            [name], script=args.fake_script, token_delay=args.fake_token_delay, load_delay=args.fake_load_delay,
-            context_length=args.fake_context_length, conv_mode=args.conv_mode or DEFAULT_CONV_MODE,
-        )
-    from llava_med.serve import hf_engine
-
-    return hf_engine.engine_from_args(args)
+def worker_from_args(args: argparse.Namespace, engine: Engine,
+                     on_load_failure: Callable[[BaseException], None] | None = None) -> ModelWorker:
+    """The worker the parsed flags describe, serving ``engine``. An engine that queues and batches by itself (hf)
+    admits what it holds by default, and answers "busy" past its own queue."""
+    return ModelWorker(
+        engine,
+        worker_addr=args.worker_address,
+        controller_addr=args.controller_address,
+        limit_model_concurrency=(args.limit_model_concurrency or engine.max_concurrency
+                                 or DEFAULT_LIMIT_MODEL_CONCURRENCY),
+        stream_interval=args.stream_interval,
+        max_new_tokens_cap=args.max_new_tokens_cap,
+        no_register=args.no_register,
+        heart_beat_interval=args.heart_beat_interval,
+        auth_token=args.auth_token,
+        speed=args.speed,
+        on_load_failure=on_load_failure,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -551,19 +544,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if server is not None:
             server.should_exit = True
 
-    worker = ModelWorker(
-        engine,
-        worker_addr=args.worker_address,
-        controller_addr=args.controller_address,
-        limit_model_concurrency=args.limit_model_concurrency,
-        stream_interval=args.stream_interval,
-        max_new_tokens_cap=args.max_new_tokens_cap,
-        no_register=args.no_register,
-        heart_beat_interval=args.heart_beat_interval,
-        auth_token=args.auth_token,
-        speed=args.speed,
-        on_load_failure=stop_on_load_failure,
-    )
+    worker = worker_from_args(args, engine, stop_on_load_failure)
     server = _http.build_server(create_app(worker), args.host, args.port, args.log_level)
     holder["server"] = server
     server.run()

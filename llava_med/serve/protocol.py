@@ -1,7 +1,7 @@
 """Every wire model of the serving stack, and the null-byte stream framing, in one place.
 
 The controller and worker endpoints, and their JSON bodies, stay compatible with the original LLaVA / FastChat
-clients (see ``/work/shared/design.md`` section 3):
+clients (the table is in the README, "Wire protocol"):
 
 * controller: ``/register_worker``, ``/receive_heart_beat``, ``/refresh_all_workers``, ``/list_models``,
   ``/get_worker_address``, ``/worker_generate_stream``, ``/worker_get_status``;
@@ -27,6 +27,16 @@ from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError, f
 
 from llava_med.constants import SERVER_ERROR_MSG, ErrorCode
 from llava_med.errors import BadRequestError
+from llava_med.sampling import (
+    MAX_NEW_TOKENS_LIMIT,
+    MAX_SEED,
+    MAX_STOP_CHARS,
+    MAX_STOP_STRINGS,
+    MAX_TEMPERATURE,
+    WIRE_DEFAULTS,
+    SamplingParams,
+    normalize_stop,
+)
 
 __all__ = [
     "ErrorCode",
@@ -35,8 +45,6 @@ __all__ = [
     "AUTH_TOKEN_ENV",
     "default_auth_token",
     "auth_headers",
-    "MAX_TEMPERATURE",
-    "MAX_NEW_TOKENS_LIMIT",
     "WireModel",
     "WorkerStatus",
     "RegisterWorkerRequest",
@@ -55,6 +63,7 @@ __all__ = [
     "ErrorResponse",
     "StreamChunk",
     "StreamProtocolError",
+    "FrameSplitter",
     "encode_chunk",
     "parse_chunk",
     "iter_chunks",
@@ -82,15 +91,6 @@ def default_auth_token() -> str | None:
 def auth_headers(token: str | None) -> dict[str, str]:
     """``Authorization: Bearer <token>`` when a token is set."""
     return {"Authorization": f"Bearer {token}"} if token else {}
-
-#: Highest temperature a request may ask for; higher values only produce noise.
-MAX_TEMPERATURE = 5.0
-#: Absurd ``max_new_tokens`` values are refused; sane ones above a worker's cap are capped like the original.
-MAX_NEW_TOKENS_LIMIT = 1_000_000
-#: Bounds that keep one request from slowing down the whole batch (stop strings are checked on every token).
-MAX_STOP_STRINGS = 16
-MAX_STOP_CHARS = 256
-MAX_SEED = 2**63 - 1
 
 
 class WireModel(BaseModel):
@@ -186,9 +186,9 @@ class GenerateRequest(WireModel):
     model: StrictStr | None = None
     prompt: StrictStr
     images: list[StrictStr] | None = None
-    temperature: float = Field(default=1.0, ge=0.0, le=MAX_TEMPERATURE, allow_inf_nan=False)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False)
-    max_new_tokens: int = Field(default=256, ge=1, le=MAX_NEW_TOKENS_LIMIT)
+    temperature: float = Field(default=WIRE_DEFAULTS.temperature, ge=0.0, le=MAX_TEMPERATURE, allow_inf_nan=False)
+    top_p: float = Field(default=WIRE_DEFAULTS.top_p, gt=0.0, le=1.0, allow_inf_nan=False)
+    max_new_tokens: int = Field(default=WIRE_DEFAULTS.max_new_tokens, ge=1, le=MAX_NEW_TOKENS_LIMIT)
     stop: StrictStr | list[StrictStr] | None = None
     echo: bool = True
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
@@ -207,16 +207,16 @@ class GenerateRequest(WireModel):
         return value
 
     @property
-    def stop_strings(self) -> list[str]:
-        """``stop`` as a list without empty strings (the original sent ``""`` for "no stop string")."""
-        if self.stop is None:
-            return []
-        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop)
-        return [s for s in stops if s]
-
-    @property
     def num_images(self) -> int:
         return len(self.images or [])
+
+    def sampling_params(self, default_stop: str | None = None) -> SamplingParams:
+        """The request's sampling settings. ``default_stop`` (the served template's stop string) applies only when
+        the request has no ``stop`` field; an explicit ``stop`` (even ``""``, as the original clients send for
+        "none") replaces it."""
+        stop = normalize_stop(self.stop) if self.stop is not None else normalize_stop(None, default_stop)
+        return SamplingParams(temperature=self.temperature, top_p=self.top_p, max_new_tokens=self.max_new_tokens,
+                              stop=stop, seed=self.seed, ignore_eos=self.ignore_eos)
 
 
 class CountTokenRequest(WireModel):
@@ -296,40 +296,50 @@ def parse_chunk(data: bytes | str) -> StreamChunk:
         raise StreamProtocolError(f"invalid stream chunk {shown!r}: {validation_error_message(exc)}") from exc
 
 
-class _ChunkSplitter:
+class FrameSplitter:
+    """Splits a byte stream into its frames (the bytes between two ``b"\\0"``), however the bytes arrive.
+
+    ``feed`` returns the frames completed by new bytes, ``finish`` what is left at the end (a last frame sent
+    without its delimiter). Empty frames (keep-alives) are skipped. The controller's relay forwards frames as they
+    are; :func:`iter_chunks` parses them.
+    """
+
     def __init__(self) -> None:
         self._buffer = b""
 
-    def feed(self, data: bytes) -> list[StreamChunk]:
+    def feed(self, data: bytes) -> list[bytes]:
         self._buffer += data
         *complete, self._buffer = self._buffer.split(CHUNK_DELIMITER)
-        return [parse_chunk(part) for part in complete if part.strip()]
+        return [part for part in complete if part.strip()]
 
-    def finish(self) -> list[StreamChunk]:
+    def finish(self) -> list[bytes]:
         rest, self._buffer = self._buffer, b""
-        if not rest.strip():
-            return []
-        try:
-            return [parse_chunk(rest)]
-        except StreamProtocolError as exc:
-            raise StreamProtocolError(f"stream ended inside a chunk ({len(rest)} bytes left over)") from exc
+        return [rest] if rest.strip() else []
+
+
+def _parse_last(frames: list[bytes]) -> list[StreamChunk]:
+    try:
+        return [parse_chunk(frame) for frame in frames]
+    except StreamProtocolError as exc:
+        raise StreamProtocolError(f"stream ended inside a chunk ({len(frames[-1])} bytes left over)") from exc
 
 
 def iter_chunks(byte_iterable: Iterable[bytes]) -> Iterator[StreamChunk]:
     """Split a byte stream on ``b"\\0"`` and parse each chunk (empty ones, used as keep-alives, are skipped)."""
-    splitter = _ChunkSplitter()
+    splitter = FrameSplitter()
     for data in byte_iterable:
-        yield from splitter.feed(data)
-    yield from splitter.finish()
+        for frame in splitter.feed(data):
+            yield parse_chunk(frame)
+    yield from _parse_last(splitter.finish())
 
 
 async def aiter_chunks(byte_iterable: AsyncIterable[bytes]) -> AsyncIterator[StreamChunk]:
     """Async variant of :func:`iter_chunks`."""
-    splitter = _ChunkSplitter()
+    splitter = FrameSplitter()
     async for data in byte_iterable:
-        for chunk in splitter.feed(data):
-            yield chunk
-    for chunk in splitter.finish():
+        for frame in splitter.feed(data):
+            yield parse_chunk(frame)
+    for chunk in _parse_last(splitter.finish()):
         yield chunk
 
 

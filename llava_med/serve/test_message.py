@@ -13,24 +13,13 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from llava_med.chat import Message, render_chat
 from llava_med.constants import DEFAULT_CONTROLLER_URL
+from llava_med.conversation import template_names
+from llava_med.sampling import CHAT_DEFAULTS
 from llava_med.serve.client import ClientError, LlavaMedClient
 
-__all__ = ["build_prompt", "main", "parse_args"]
-
-DEFAULT_CONV_MODE = "mistral_instruct"
-
-
-def build_prompt(message: str, conv_mode: str = DEFAULT_CONV_MODE) -> tuple[str, str | None]:
-    """The templated prompt for one user message, and the template's stop string."""
-    try:
-        from llava_med.conversation import get_conv_template
-    except ImportError:  # pragma: no cover - the conversation module ships with the package
-        return f"[INST] {message} [/INST]", "</s>"
-    conv = get_conv_template(conv_mode)
-    conv.append_message(conv.roles[0], message)
-    conv.append_message(conv.roles[1], None)
-    return conv.get_prompt(), conv.stop_str
+__all__ = ["main", "parse_args"]
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -38,9 +27,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--controller-address", type=str, default=DEFAULT_CONTROLLER_URL)
     p.add_argument("--worker-address", type=str, default=None, help="talk to this worker directly")
     p.add_argument("--model-name", type=str, default=None, help="default: the first model the controller lists")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--conv-mode", type=str, default=DEFAULT_CONV_MODE)
+    p.add_argument("--max-new-tokens", type=int, default=CHAT_DEFAULTS.max_new_tokens)
+    p.add_argument("--temperature", type=float, default=CHAT_DEFAULTS.temperature)
+    p.add_argument("--top-p", type=float, default=CHAT_DEFAULTS.top_p)
+    p.add_argument("--conv-mode", type=str, default=None, choices=template_names(),
+                   help="prompt template (default: the one the worker reports)")
     p.add_argument("--message", type=str, default="Tell me a story with more than 1000 words.")
     p.add_argument("--timeout", type=float, default=None, help="seconds to wait for each answer from a server")
     return p.parse_args(argv)
@@ -64,12 +55,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 model = models[0]
             worker_addr = client.get_worker_address(model)
             print(f"worker_addr: {worker_addr}")
-        prompt, stop = build_prompt(args.message, args.conv_mode)
-        print(prompt, flush=True)
         direct = LlavaMedClient(worker_url=worker_addr, timeout=args.timeout)
+        conv_mode = direct.conv_mode_for(worker_addr, args.conv_mode)
+        rendered = render_chat([Message("user", args.message)], conv_mode)
+        print(rendered.prompt, flush=True)
         output = ""
-        for chunk in direct.generate_stream(model, prompt, temperature=args.temperature,
-                                            max_new_tokens=args.max_new_tokens, stop=stop):
+        for chunk in direct.generate_stream(model, rendered.prompt, temperature=args.temperature, top_p=args.top_p,
+                                            max_new_tokens=args.max_new_tokens, stop=list(rendered.stop)):
             output = chunk.output
         print(output.strip(), flush=True)
         return 0

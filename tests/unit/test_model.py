@@ -17,8 +17,9 @@ from transformers import AutoTokenizer, CLIPVisionConfig, CLIPVisionModel, Mistr
 from llava_med.constants import IMAGE_TOKEN_INDEX
 from llava_med.errors import CheckpointError
 from llava_med.model.builder import LoadConfig, load_pretrained_model
-from llava_med.model.generation import SamplingParams, generate_stream, prepare_prompt
-from llava_med.model.image_processing import process_images
+from llava_med.model.generation import generate_stream, prepare_prompt
+from llava_med.sampling import SamplingParams
+from llava_med.model.preprocess import process_images
 from llava_med.model.tiny import vision_dir_name
 
 PROMPT_WITH_IMAGE = "[INST] <image>\nDescribe the image. [/INST]"
@@ -98,7 +99,7 @@ def _test_image() -> Image.Image:
 
 
 def _our_logits(loaded, prompt: str, image: Image.Image | None) -> tuple[torch.Tensor, list[int]]:
-    prepared = prepare_prompt(loaded, prompt, [image] if image is not None else [], max_new_tokens=NUM_GREEDY)
+    prepared = prepare_prompt(loaded, prompt, [image] if image is not None else [])
     model = loaded.model
     feats = [] if prepared.pixel_values is None else list(model.encode_images(prepared.pixel_values))
     with torch.no_grad():
@@ -273,7 +274,7 @@ def test_quantized_loading_generates_on_cpu(tiny_checkpoint, flag):
     loaded = load_pretrained_model(LoadConfig(model_path=str(tiny_checkpoint), **{flag: True}))
     layer_type = bnb.nn.Linear8bitLt if flag == "load_8bit" else bnb.nn.Linear4bit
     assert any(isinstance(m, layer_type) for m in loaded.model.language_model.modules())
-    prepared = prepare_prompt(loaded, PROMPT_WITH_IMAGE, [_test_image()], max_new_tokens=8)
+    prepared = prepare_prompt(loaded, PROMPT_WITH_IMAGE, [_test_image()])
     final = list(generate_stream(loaded, prepared, SamplingParams(temperature=0, max_new_tokens=8,
                                                                   ignore_eos=True)))[-1]
     assert final.num_generated_tokens == 8

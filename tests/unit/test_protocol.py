@@ -131,10 +131,16 @@ def test_malformed_bodies(body, message):
 def test_generate_request_defaults_unknown_fields_and_stop_strings():
     req = parse_generate_request(b'{"prompt": "p", "top_k": 3, "repetition_penalty": 1.1, "model": "m"}')
     assert (req.model, req.temperature, req.top_p, req.max_new_tokens, req.echo) == ("m", 1.0, 1.0, 256, True)
-    assert req.stop_strings == [] and req.images is None and req.num_images == 0
-    assert GenerateRequest(prompt="p", stop="</s>").stop_strings == ["</s>"]
-    assert GenerateRequest(prompt="p", stop="").stop_strings == []  # the original sent "" for "none"
-    assert GenerateRequest(prompt="p", stop=["a", "", "b"]).stop_strings == ["a", "b"]
+    assert req.sampling_params().stop == () and req.images is None and req.num_images == 0
+    # The served template's stop string applies only when the request names none.
+    assert req.sampling_params("</s>").stop == ("</s>",)
+    assert GenerateRequest(prompt="p", stop="</s>").sampling_params("###").stop == ("</s>",)
+    assert GenerateRequest(prompt="p", stop="").sampling_params("</s>").stop == ()  # the original sent "" for none
+    assert GenerateRequest(prompt="p", stop=["a", "", "b", "a"]).sampling_params().stop == ("a", "b")
+    params = GenerateRequest(prompt="p", temperature=0, top_p=0.5, max_new_tokens=9, seed=3,
+                             ignore_eos=True).sampling_params()
+    assert (params.temperature, params.top_p, params.max_new_tokens, params.seed, params.ignore_eos,
+            params.greedy) == (0, 0.5, 9, 3, True, True)
 
 
 def test_original_payloads_parse():

@@ -11,13 +11,19 @@ import pytest
 from PIL import Image, ImageDraw
 
 from llava_med.constants import ErrorCode
+from llava_med.engine.base import EngineRequest
+from llava_med.engine.hf import BatchingConfig, EngineBusyError, HFEngine
 from llava_med.errors import LlavaMedError
 from llava_med.model.builder import LoadConfig
 from llava_med.model.generation import generate_stream, prepare_prompt
-from llava_med.serve.hf_engine import BatchingConfig, EngineBusyError, HFEngine
-from llava_med.serve.protocol import GenerateRequest
+from llava_med.sampling import SamplingParams
 
 DEADLINE = 60.0
+
+
+def ereq(prompt: str, images=(), stop=("</s>",), **params) -> EngineRequest:
+    """An engine request as the worker builds it (the template's stop string unless ``stop`` says otherwise)."""
+    return EngineRequest(prompt, tuple(images), SamplingParams(stop=tuple(stop), **params))
 
 
 def _b64_image(seed: int) -> str:
@@ -28,26 +34,26 @@ def _b64_image(seed: int) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def _mixed_requests(n: int = 8, **overrides) -> list[GenerateRequest]:
+def _mixed_requests(n: int = 8, **overrides) -> list[EngineRequest]:
     reqs = []
     for i in range(n):
         base = {"temperature": 0.0, "max_new_tokens": 12 + 3 * i, "ignore_eos": True}
         base.update(overrides)
         if i % 2 == 0:
-            reqs.append(GenerateRequest(prompt="[INST] <image>\n" + "Describe the finding. " * (1 + i) + "[/INST]",
+            reqs.append(ereq("[INST] <image>\n" + "Describe the finding. " * (1 + i) + "[/INST]",
                                         images=[_b64_image(i)], **base))
         else:
-            reqs.append(GenerateRequest(prompt="[INST] " + "Is the heart enlarged? " * (2 * i) + "[/INST]", **base))
+            reqs.append(ereq("[INST] " + "Is the heart enlarged? " * (2 * i) + "[/INST]", **base))
     return reqs
 
 
-def _alone(loaded, engine: HFEngine, req: GenerateRequest) -> tuple[str, tuple[int, ...]]:
-    prepared = prepare_prompt(loaded, req.prompt, req.images or [], max_new_tokens=req.max_new_tokens)
-    final = list(generate_stream(loaded, prepared, engine.sampling_params(req)))[-1]
+def _alone(loaded, engine: HFEngine, req: EngineRequest) -> tuple[str, tuple[int, ...]]:
+    prepared = prepare_prompt(loaded, req.prompt, req.images)
+    final = list(generate_stream(loaded, prepared, req.params))[-1]
     return final.text, final.token_ids
 
 
-async def _collect(engine: HFEngine, req: GenerateRequest, delay: float = 0.0):
+async def _collect(engine: HFEngine, req: EngineRequest, delay: float = 0.0):
     await asyncio.sleep(delay)
     outputs = [o async for o in engine.generate_stream(req)]
     return outputs
@@ -99,7 +105,7 @@ def test_max_batch_size_one_runs_one_at_a_time(tiny_loaded):
 def test_cancelled_request_leaves_within_one_step_others_unchanged(tiny_loaded):
     reqs = _mixed_requests(4)
     # Long enough that it cannot finish on its own while the test looks away, even on a loaded machine.
-    victim = GenerateRequest(prompt="[INST] Describe everything. [/INST]", temperature=0.0, max_new_tokens=1900,
+    victim = ereq("[INST] Describe everything. [/INST]", temperature=0.0, max_new_tokens=1900,
                              ignore_eos=True)
 
     async def body(engine):
@@ -143,11 +149,11 @@ def test_seeded_sampling_same_alone_and_batched(tiny_loaded):
 
 def test_same_image_reuses_vision_features(tiny_loaded):
     image = _b64_image(3)
-    first = GenerateRequest(prompt="[INST] <image>\nWhat is it? [/INST]", images=[image], temperature=0,
+    first = ereq("[INST] <image>\nWhat is it? [/INST]", images=[image], temperature=0,
                             max_new_tokens=4)
-    later_turn = GenerateRequest(prompt="[INST] <image>\nWhat is it? [/INST] A scan. </s>[INST] Where? [/INST]",
+    later_turn = ereq("[INST] <image>\nWhat is it? [/INST] A scan. </s>[INST] Where? [/INST]",
                                  images=[image], temperature=0, max_new_tokens=4)
-    other = GenerateRequest(prompt="[INST] <image>\nWhat is it? [/INST]", images=[_b64_image(4)], temperature=0,
+    other = ereq("[INST] <image>\nWhat is it? [/INST]", images=[_b64_image(4)], temperature=0,
                             max_new_tokens=4)
 
     async def body(engine):
@@ -166,8 +172,8 @@ def test_same_image_reuses_vision_features(tiny_loaded):
 
 
 def test_full_queue_answers_busy_and_keeps_serving(tiny_loaded):
-    long = GenerateRequest(prompt="[INST] hello [/INST]", temperature=0, max_new_tokens=400, ignore_eos=True)
-    short = GenerateRequest(prompt="[INST] hi [/INST]", temperature=0, max_new_tokens=3)
+    long = ereq("[INST] hello [/INST]", temperature=0, max_new_tokens=400, ignore_eos=True)
+    short = ereq("[INST] hi [/INST]", temperature=0, max_new_tokens=3)
 
     async def body(engine):
         running = engine.generate_stream(long)
@@ -189,7 +195,7 @@ def test_full_queue_answers_busy_and_keeps_serving(tiny_loaded):
 
 def test_failure_in_one_request_fails_only_that_request(tiny_loaded, monkeypatch):
     reqs = _mixed_requests(3)
-    bad = GenerateRequest(prompt="[INST] BOOM please [/INST]", temperature=0, max_new_tokens=5)
+    bad = ereq("[INST] BOOM please [/INST]", temperature=0, max_new_tokens=5)
 
     async def body(engine):
         original = engine._embed
@@ -219,17 +225,17 @@ def test_bad_inputs_raise_typed_errors(tiny_loaded, tmp_path):
 
     async def body(engine):
         cases = [
-            (GenerateRequest(prompt="[INST] <image>\nhi [/INST]"), ErrorCode.IMAGE_COUNT_MISMATCH),
-            (GenerateRequest(prompt="[INST] <image>\nhi [/INST]", images=["bm90IGFuIGltYWdl"]), ErrorCode.BAD_IMAGE),
-            (GenerateRequest(prompt="[INST] " + "lung " * 3000 + "[/INST]"), ErrorCode.CONTEXT_OVERFLOW),
+            (ereq("[INST] <image>\nhi [/INST]"), ErrorCode.IMAGE_COUNT_MISMATCH),
+            (ereq("[INST] <image>\nhi [/INST]", images=["bm90IGFuIGltYWdl"]), ErrorCode.BAD_IMAGE),
+            (ereq("[INST] " + "lung " * 3000 + "[/INST]"), ErrorCode.CONTEXT_OVERFLOW),
             # A request can never make the worker read a local file: image strings are base64 only.
-            (GenerateRequest(prompt="[INST] <image>\nhi [/INST]", images=[str(local_png)]), ErrorCode.BAD_IMAGE),
+            (ereq("[INST] <image>\nhi [/INST]", images=[str(local_png)]), ErrorCode.BAD_IMAGE),
         ]
         for req, code in cases:
             with pytest.raises(LlavaMedError) as info:
                 await _collect(engine, req)
             assert info.value.code == code
-        ok = await _collect(engine, GenerateRequest(prompt="[INST] hi [/INST]", temperature=0, max_new_tokens=3))
+        ok = await _collect(engine, ereq("[INST] hi [/INST]", temperature=0, max_new_tokens=3))
         return ok
 
     ok = _run(body, tiny_loaded)
@@ -239,9 +245,9 @@ def test_bad_inputs_raise_typed_errors(tiny_loaded, tmp_path):
 def test_requests_prefilled_together_match_alone(tiny_loaded):
     """Requests arriving at once are prefilled in left-padded groups; each still gets its single-run tokens."""
     reqs = _mixed_requests(8)
-    reqs += [GenerateRequest(prompt="[INST] Is the heart enlarged? [/INST]", temperature=0.0, max_new_tokens=9,
+    reqs += [ereq("[INST] Is the heart enlarged? [/INST]", temperature=0.0, max_new_tokens=9,
                              ignore_eos=True),
-             GenerateRequest(prompt="[INST] Is the liver enlarged today? [/INST]", temperature=0.0,
+             ereq("[INST] Is the liver enlarged today? [/INST]", temperature=0.0,
                              max_new_tokens=9, ignore_eos=True)]
 
     async def body(engine):
@@ -255,8 +261,8 @@ def test_requests_prefilled_together_match_alone(tiny_loaded):
 
 def test_cancelled_waiting_requests_free_their_queue_slots(tiny_loaded):
     """Clients that leave while queued stop counting at once: the next request is not refused as busy."""
-    long = GenerateRequest(prompt="[INST] hello [/INST]", temperature=0, max_new_tokens=1500, ignore_eos=True)
-    short = GenerateRequest(prompt="[INST] hi [/INST]", temperature=0, max_new_tokens=3)
+    long = ereq("[INST] hello [/INST]", temperature=0, max_new_tokens=1500, ignore_eos=True)
+    short = ereq("[INST] hi [/INST]", temperature=0, max_new_tokens=3)
 
     async def body(engine):
         running = engine.generate_stream(long)

@@ -1,4 +1,4 @@
-"""Tests of llava_med.model.image_processing: decoding with limits, DICOM, aspect modes, CLIP preprocessing.
+"""Tests of llava_med.images (decoding with limits, DICOM) and llava_med.model.preprocess (aspect modes, CLIP).
 
 Only images drawn here and pydicom's bundled sample files are used (no downloads); the URL tests talk to a
 throw-away HTTP server on 127.0.0.1.
@@ -29,17 +29,19 @@ from llava_med.errors import (
     MissingDependencyError,
     UnsupportedImageError,
 )
-from llava_med.model.image_processing import (
-    ASPECT_MODES,
-    OPENAI_CLIP_MEAN,
-    OPENAI_CLIP_STD,
+from llava_med.images.decode import (
     ImageLimits,
     decode_image_bytes,
     dicom_to_image,
     encode_image_base64,
-    expand2square,
     image_sha256,
     load_image,
+)
+from llava_med.model.preprocess import (
+    ASPECT_MODES,
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    expand2square,
     make_clip_image_processor,
     normalize_aspect_mode,
     process_images,

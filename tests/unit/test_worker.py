@@ -16,14 +16,15 @@ from servers import threaded_server, wait_until
 
 from llava_med.constants import SERVER_ERROR_MSG
 from llava_med.errors import ImageError
-from llava_med.serve.fake_engine import FakeEngine
+from llava_med.engine.fake import FakeEngine
+from llava_med.engine.registry import build_engine
+from llava_med.model.naming import model_name_from_path
 from llava_med.serve.model_worker import (
     ModelWorker,
-    build_engine,
     build_parser,
     create_app,
-    model_name_from_path,
     parse_args,
+    worker_from_args,
 )
 from llava_med.serve.protocol import ErrorCode, GenerateRequest, StreamChunk, iter_chunks
 
@@ -371,8 +372,11 @@ def test_parse_args_original_flags_and_abbreviations(monkeypatch):
     args = parse_args([])
     assert (args.host, args.port, args.worker_address, args.controller_address) == (
         "127.0.0.1", 21002, "http://127.0.0.1:21002", "http://localhost:21001")
-    assert (args.limit_model_concurrency, args.stream_interval, args.engine, args.max_new_tokens_cap) == (
+    worker = worker_from_args(args, build_engine(args))  # builds the hf engine; nothing is loaded before start()
+    assert (worker.limit_model_concurrency, worker.stream_interval, args.engine, worker.max_new_tokens_cap) == (
         16 + 256, 1, "hf", 1024)  # hf: the engine batches and queues by itself
+    fake_args = parse_args(["--engine", "fake"])
+    assert worker_from_args(fake_args, build_engine(fake_args)).limit_model_concurrency == 5
     assert args.model_path is None and args.local_files_only is False  # hf engine: the embedded tiny checkpoint
     # argparse prefix matching: --controller / --worker must stay unambiguous.
     options = build_parser()._option_string_actions
@@ -385,6 +389,8 @@ def test_parse_args_original_flags_and_abbreviations(monkeypatch):
                        "--conv-mode", "mistral_instruct", "--vision-tower", "/clip", "--model-base", "/b"])
     assert (args.controller_address, args.worker_address, args.limit_model_concurrency) == (
         "http://c:1", "http://w:2", 2)
+    explicit = parse_args(["--engine", "fake", "--limit-worker-concurrency", "2"])
+    assert worker_from_args(explicit, build_engine(explicit)).limit_model_concurrency == 2
     assert parse_args(["--port", "31000"]).worker_address == "http://127.0.0.1:31000"
     with pytest.raises(SystemExit):
         parse_args(["--load-8bit", "--load-4bit"])

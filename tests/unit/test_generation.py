@@ -6,23 +6,17 @@ import pytest
 import torch
 from PIL import Image
 
-from llava_med.constants import IMAGE_TOKEN_INDEX, ErrorCode
+from llava_med.constants import IMAGE_TOKEN_INDEX
 from llava_med.errors import BadRequestError, ContextOverflowError, ImageCountMismatchError, ImageError
 from llava_med.model.generation import (
-    SamplingParams,
     TextAssembler,
     TokenSampler,
     generate,
     generate_stream,
     prepare_prompt,
 )
-from llava_med.model.prompting import (
-    build_single_turn_prompt,
-    normalize_stop,
-    stop_holdback,
-    tokenizer_image_token,
-    truncate_at_stop,
-)
+from llava_med.model.prompting import stop_holdback, tokenizer_image_token, truncate_at_stop
+from llava_med.sampling import SamplingParams
 
 
 def test_tokenizer_image_token_matches_chunked_tokenisation(tiny_loaded):
@@ -39,21 +33,10 @@ def test_tokenizer_image_token_matches_chunked_tokenisation(tiny_loaded):
 
 
 def test_stop_helpers():
-    assert normalize_stop(None, "</s>") == ("</s>",)
-    assert normalize_stop(["###", "", "</s>"], "</s>", None) == ("###", "</s>")
-    assert normalize_stop("x") == ("x",)
-    with pytest.raises(BadRequestError, match="stop"):
-        normalize_stop([1])
     assert truncate_at_stop("abc###def</s>", ("</s>", "###")) == ("abc", True)
     assert truncate_at_stop("abc", ("</s>",)) == ("abc", False)
     assert stop_holdback("answer </", ("</s>",)) == 2
     assert stop_holdback("answer", ("</s>",)) == 0
-
-
-def test_single_turn_prompt_uses_template():
-    prompt, stop = build_single_turn_prompt("Describe the image.", 1, "mistral_instruct")
-    assert prompt == "[INST] <image>\nDescribe the image. [/INST]"
-    assert stop == "</s>"
 
 
 def test_text_assembler_never_splits_multibyte_characters(tiny_loaded):
@@ -85,28 +68,6 @@ def test_text_assembler_stops_at_stop_string_and_holds_back_prefix(tiny_loaded):
     assert asm.final_text.rstrip() == "normal heart"
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "message", "code"),
-    [
-        ({"temperature": -0.1}, "temperature", ErrorCode.PARAM_OUT_OF_RANGE),
-        ({"temperature": float("nan")}, "temperature", ErrorCode.PARAM_OUT_OF_RANGE),
-        ({"temperature": "hot"}, "temperature must be a number", ErrorCode.BAD_REQUEST),
-        ({"top_p": 0.0}, "top_p", ErrorCode.PARAM_OUT_OF_RANGE),
-        ({"top_p": 1.5}, "top_p", ErrorCode.PARAM_OUT_OF_RANGE),
-        ({"max_new_tokens": 0}, "max_new_tokens must be >= 1", ErrorCode.PARAM_OUT_OF_RANGE),
-        ({"max_new_tokens": -5}, "max_new_tokens must be >= 1", ErrorCode.PARAM_OUT_OF_RANGE),
-        ({"max_new_tokens": 2.5}, "max_new_tokens must be an integer", ErrorCode.BAD_REQUEST),
-        ({"seed": "x"}, "seed", ErrorCode.BAD_REQUEST),
-        ({"seed": 2**100}, "seed must be between", ErrorCode.PARAM_OUT_OF_RANGE),
-        ({"seed": -1}, "seed must be between", ErrorCode.PARAM_OUT_OF_RANGE),
-    ],
-)
-def test_sampling_params_validation(kwargs, message, code):
-    with pytest.raises(BadRequestError, match=message) as info:
-        SamplingParams(**kwargs)
-    assert info.value.code == code
-
-
 def test_sampler_seeded_reproducible_and_top_p():
     logits = torch.linspace(-2, 2, 50)
     a = TokenSampler(SamplingParams(temperature=1.0, seed=7))
@@ -123,7 +84,7 @@ def test_sampler_seeded_reproducible_and_top_p():
 def test_generate_stream_is_cumulative_and_finishes(tiny_loaded):
     prompt = "[INST] <image>\nDescribe the image. [/INST]"
     img = Image.new("RGB", (64, 48), (120, 30, 200))
-    prepared = prepare_prompt(tiny_loaded, prompt, [img], max_new_tokens=10)
+    prepared = prepare_prompt(tiny_loaded, prompt, [img])
     updates = list(generate_stream(tiny_loaded, prepared, SamplingParams(temperature=0, max_new_tokens=10,
                                                                          ignore_eos=True)))
     assert updates[-1].finish_reason == "length"
@@ -139,7 +100,7 @@ def test_generate_stream_is_cumulative_and_finishes(tiny_loaded):
 
 
 def test_cancellation_stops_generation(tiny_loaded):
-    prepared = prepare_prompt(tiny_loaded, "[INST] hello [/INST]", [], max_new_tokens=50)
+    prepared = prepare_prompt(tiny_loaded, "[INST] hello [/INST]", [])
     calls = {"n": 0}
 
     def cancelled() -> bool:
@@ -173,5 +134,10 @@ def test_prepare_prompt_errors(tiny_loaded):
 def test_max_new_tokens_capped_by_context(tiny_loaded):
     prompt = "[INST] <image>\n<image>\n<image>\ncompare [/INST]"
     img = Image.new("RGB", (32, 32))
-    prepared = prepare_prompt(tiny_loaded, prompt, [img] * 3, max_new_tokens=4096)
-    assert prepared.num_prompt_tokens + prepared.max_new_tokens == tiny_loaded.context_len
+    prepared = prepare_prompt(tiny_loaded, prompt, [img] * 3)
+    assert prepared.num_prompt_tokens + prepared.room == tiny_loaded.context_len
+    # A request asking for more than the room ends with "length" when the context is full.
+    from llava_med.model.generation import SequenceState
+
+    state = SequenceState(prepared, SamplingParams(temperature=0, max_new_tokens=4096), tiny_loaded.tokenizer)
+    assert state.limit == prepared.room

@@ -9,10 +9,14 @@ strings (:class:`llava_med.model.generation.SequenceState`). ``max_batch_size=1`
 The event loop never waits on the model: requests are prepared (images decoded, prompt tokenised) in a worker
 thread, handed to the scheduler through a locked deque, and their outputs come back through
 ``loop.call_soon_threadsafe``. An exception while prefilling a request fails that request only.
+
+torch and the model code are imported when the engine starts, so that declaring this engine's flags (every
+worker does, through the registry) costs nothing.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import hashlib
 import itertools
@@ -22,25 +26,21 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from llava_med.constants import ErrorCode
+from llava_med.conversation import conv_mode_for_config
+from llava_med.engine.base import Engine, EngineRequest, GenerationOutput
 from llava_med.errors import LlavaMedError
-from llava_med.model.builder import LoadConfig, LoadedModel, load_pretrained_model
+from llava_med.images.decode import ImageLimits
+from llava_med.model.args import LoadConfig, load_config_from_args
 from llava_med.model.naming import model_name_from_path
-from llava_med.model.generation import (
-    PreparedPrompt,
-    SamplingParams,
-    SequenceState,
-    prepare_prompt,
-    sequence_length,
-)
-from llava_med.model.image_processing import ImageLimits
-from llava_med.model.prompting import normalize_stop
-from llava_med.serve.engine import Engine, GenerateOutput
-from llava_med.serve.protocol import GenerateRequest
+
+if TYPE_CHECKING:
+    import torch
+
+    from llava_med.model.builder import LoadedModel
+    from llava_med.model.generation import PreparedPrompt, SequenceState
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ class _Request:
 
 @dataclass
 class EngineStats:
-    """Counters for tests, benchmarks and /metrics."""
+    """Counters for tests and benchmarks."""
 
     steps: int = 0
     prefills: int = 0
@@ -187,7 +187,6 @@ class HFEngine(Engine):
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._ids = itertools.count(1)
-        self._default_stop: str | None = None
         self._outbox: list[tuple[_Request, Any]] = []  # scheduler thread only; delivered once per step
 
     # ----- Engine interface -----
@@ -212,17 +211,51 @@ class HFEngine(Engine):
     def context_length(self) -> int:
         return self.loaded.context_len if self.loaded is not None else 0
 
+    @classmethod
+    def add_cli_args(cls, parser: argparse.ArgumentParser) -> None:
+        group = parser.add_argument_group("batching (--engine hf)")
+        group.add_argument("--max-batch-size", type=int, default=16,
+                           help="requests decoded together per step (1: one at a time, as the original worker)")
+        group.add_argument("--max-queue", type=int, default=256,
+                           help="requests allowed to wait; more get a clear 'busy' error")
+        group.add_argument("--max-prefill-tokens", type=int, default=4096,
+                           help="prompt tokens prefilled per scheduler step (at least one request)")
+        group.add_argument("--image-cache-size", type=int, default=64,
+                           help="images whose vision features are kept for reuse (0: off)")
+        group.add_argument("--allow-image-urls", action="store_true",
+                           help="let requests pass http(s) image URLs for the worker to fetch (off by default)")
+        group.add_argument("--stream-min-interval", type=float, default=0.025,
+                           help="seconds between two streamed updates of one request (0: every token); the text "
+                                "is cumulative, so nothing is lost")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> HFEngine:
+        batching = BatchingConfig(
+            max_batch_size=args.max_batch_size,
+            max_queue=args.max_queue,
+            max_prefill_tokens=args.max_prefill_tokens,
+            image_cache_size=args.image_cache_size,
+            allow_image_urls=args.allow_image_urls,
+            stream_min_interval=args.stream_min_interval,
+        )
+        return cls(load_config_from_args(args), model_name=args.model_name, conv_mode=args.conv_mode,
+                   batching=batching)
+
+    @property
+    def max_concurrency(self) -> int:
+        """Requests the engine holds at once (running and queued): the worker admits this many."""
+        return self.batching.max_batch_size + self.batching.max_queue
+
     async def start(self) -> None:
         if self.loaded is None:
+            from llava_med.model.builder import load_pretrained_model
+
             self.loaded = await asyncio.to_thread(load_pretrained_model, self.load_config)
             if self.load_config.model_path is None:
                 logger.warning("serving the embedded tiny random-weight checkpoint (answers are noise); "
                                "pass --model-path for a real model")
-        from llava_med.conversation import conv_mode_for_config, get_conv_template
-
         conv_mode = self._conv_mode or conv_mode_for_config(self.loaded.config)
         self._conv_mode = conv_mode
-        self._default_stop = get_conv_template(conv_mode).stop_str
         self._thread = threading.Thread(target=self._run, name="hf-engine-scheduler", daemon=True)
         self._thread.start()
         logger.info("engine ready: %s, max batch %d, conv template %s", self.model_names[0],
@@ -240,27 +273,19 @@ class HFEngine(Engine):
             return self._preparing + len(self._waiting) + len(self._running)
 
     def count_tokens(self, prompt: str) -> int:
+        from llava_med.model.generation import sequence_length
         from llava_med.model.prompting import tokenizer_image_token
 
         if self.loaded is None:
             raise EngineStoppedError("the model is not loaded yet")
         return sequence_length(self.loaded, tokenizer_image_token(prompt, self.loaded.tokenizer))
 
-    def sampling_params(self, request: GenerateRequest) -> SamplingParams:
-        stop = normalize_stop(request.stop) if request.stop is not None else normalize_stop(None, self._default_stop)
-        return SamplingParams(
-            temperature=float(request.temperature),
-            top_p=float(request.top_p),
-            max_new_tokens=int(request.max_new_tokens),
-            stop=stop,
-            seed=request.seed,
-            ignore_eos=bool(request.ignore_eos),
-        )
+    async def generate_stream(self, request: EngineRequest) -> AsyncIterator[GenerationOutput]:
+        from llava_med.model.generation import SequenceState
 
-    async def generate_stream(self, request: GenerateRequest) -> AsyncIterator[GenerateOutput]:
         if not self.ready:
             raise EngineStoppedError("the model is not loaded (or the engine stopped)")
-        params = self.sampling_params(request)
+        params = request.params
         with self._lock:
             if len(self._waiting) + self._preparing >= self.batching.max_queue:
                 raise EngineBusyError(
@@ -269,7 +294,7 @@ class HFEngine(Engine):
                 )
             self._preparing += 1
         try:
-            prepared, keys = await asyncio.to_thread(self._prepare, request, params)
+            prepared, keys = await asyncio.to_thread(self._prepare, request)
         finally:
             with self._lock:
                 self._preparing -= 1
@@ -291,8 +316,7 @@ class HFEngine(Engine):
                 if isinstance(item, BaseException):
                     finished = True
                     raise item
-                yield GenerateOutput(item.text, item.finish_reason, item.num_prompt_tokens,
-                                     item.num_generated_tokens, item.token_ids)
+                yield item
                 if item.finish_reason is not None:
                     finished = True
                     return
@@ -315,13 +339,14 @@ class HFEngine(Engine):
             self._wakeup.notify_all()
 
     # ----- scheduler thread -----
-    def _prepare(self, request: GenerateRequest, params: SamplingParams) -> tuple[PreparedPrompt, list[str]]:
+    def _prepare(self, request: EngineRequest) -> tuple[PreparedPrompt, list[str]]:
+        from llava_med.model.generation import prepare_prompt
+
         prepared = prepare_prompt(
             self.loaded,
             request.prompt,
-            request.images or [],
-            max_new_tokens=params.max_new_tokens,
-            image_mode=request.image_process_mode,
+            request.images,
+            image_mode=request.image_mode,
             limits=self.batching.image_limits,
             allow_url=self.batching.allow_image_urls,
             allow_path=False,
@@ -477,6 +502,8 @@ class HFEngine(Engine):
 
     def _embed(self, reqs: list[_Request]) -> list[torch.Tensor]:
         """Prompt embeddings of each request; images not in the feature cache go through CLIP in one call."""
+        import torch
+
         model = self.loaded.model
         feats = [[self._features.get(k) for k in req.image_keys] for req in reqs]
         missing = [(r, i) for r, fs in enumerate(feats) for i, f in enumerate(fs) if f is None]
@@ -504,6 +531,8 @@ class HFEngine(Engine):
             self._running.pop(req.rid, None)
 
     def _fail(self, req: _Request, exc: BaseException) -> None:
+        import torch
+
         self.stats.failed += 1
         if isinstance(exc, torch.OutOfMemoryError):
             err: BaseException = LlavaMedError(f"out of memory while generating: {exc}", code=ErrorCode.OUT_OF_MEMORY)
@@ -521,19 +550,3 @@ class HFEngine(Engine):
         for req in running:
             self._fail(req, EngineStoppedError(reason))
         batch.remove(list(batch.row_ids))
-
-
-def engine_from_args(args) -> HFEngine:
-    """Build the engine from the worker's parsed flags."""
-    from llava_med.serve.args import load_config_from_args
-
-    batching = BatchingConfig(
-        max_batch_size=args.max_batch_size,
-        max_queue=args.max_queue,
-        max_prefill_tokens=args.max_prefill_tokens,
-        image_cache_size=args.image_cache_size,
-        allow_image_urls=args.allow_image_urls,
-        stream_min_interval=args.stream_min_interval,
-    )
-    return HFEngine(load_config_from_args(args), model_name=args.model_name, conv_mode=args.conv_mode,
-                    batching=batching)

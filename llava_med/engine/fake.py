@@ -11,6 +11,7 @@ closed stream really cancelled its request.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import base64
 import binascii
@@ -20,9 +21,9 @@ from collections.abc import AsyncIterator, Sequence
 
 from llava_med.constants import DEFAULT_IMAGE_TOKEN
 from llava_med.conversation import DEFAULT_CONV_MODE
+from llava_med.engine.base import Engine, EngineRequest, GenerationOutput
 from llava_med.errors import ContextOverflowError, ImageCountMismatchError, ImageError, LlavaMedError
-from llava_med.serve.engine import Engine, GenerateOutput
-from llava_med.serve.protocol import GenerateRequest
+from llava_med.model.naming import model_name_from_path
 
 __all__ = ["FakeEngine", "DEFAULT_FAKE_MODEL_NAME"]
 
@@ -93,7 +94,24 @@ class FakeEngine(Engine):
         self.rejected = 0
         self.steps = 0
         self.max_running = 0
-        self.requests: list[GenerateRequest] = []
+        self.requests: list[EngineRequest] = []
+
+    @classmethod
+    def add_cli_args(cls, parser: argparse.ArgumentParser) -> None:
+        group = parser.add_argument_group("fake engine (--engine fake)")
+        group.add_argument("--fake-script", type=str, default=None, help="the reply (default: derived from the prompt)")
+        group.add_argument("--fake-token-delay", type=float, default=0.02, help="seconds per token")
+        group.add_argument("--fake-load-delay", type=float, default=0.0, help="seconds the fake load takes")
+        group.add_argument("--fake-context-length", type=int, default=2048)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> FakeEngine:
+        name = args.model_name or (model_name_from_path(args.model_path) if args.model_path else None)
+        return cls(
+            [name or DEFAULT_FAKE_MODEL_NAME], script=args.fake_script, token_delay=args.fake_token_delay,
+            load_delay=args.fake_load_delay, context_length=args.fake_context_length,
+            conv_mode=args.conv_mode or DEFAULT_CONV_MODE,
+        )
 
     # ----------------------------------------------------------------------------------------------------------
     @property
@@ -145,8 +163,8 @@ class FakeEngine(Engine):
         words = tail.replace(DEFAULT_IMAGE_TOKEN, " ").replace("[INST]", " ").split()[-8:] or ["nothing"]
         return ["This", "is", "a", "fake", "answer", "about:", *words, "(end)"]
 
-    def _check(self, request: GenerateRequest) -> int:
-        images = request.images or []
+    def _check(self, request: EngineRequest) -> int:
+        images = request.images
         n_tags = request.prompt.count(DEFAULT_IMAGE_TOKEN)
         if len(images) != n_tags:
             raise ImageCountMismatchError(
@@ -169,7 +187,7 @@ class FakeEngine(Engine):
             )
         return n_prompt
 
-    async def generate_stream(self, request: GenerateRequest) -> AsyncIterator[GenerateOutput]:
+    async def generate_stream(self, request: EngineRequest) -> AsyncIterator[GenerationOutput]:
         if not self._ready:
             raise LlavaMedError("the model is not loaded yet")
         try:
@@ -178,8 +196,9 @@ class FakeEngine(Engine):
             self.rejected += 1
             raise
         words = self.reply_words(request.prompt)
-        max_new = min(request.max_new_tokens, self._context_length - n_prompt)
-        stops = request.stop_strings
+        params = request.params
+        max_new = min(params.max_new_tokens, self._context_length - n_prompt)
+        stops = params.stop
 
         self.requests.append(request)
         self.started += 1
@@ -190,7 +209,7 @@ class FakeEngine(Engine):
             generated: list[str] = []
             i = 0
             while True:
-                if i >= len(words) and not request.ignore_eos:
+                if i >= len(words) and not params.ignore_eos:
                     finish = "stop"
                     break
                 if self.fail_after is not None and i >= self.fail_after:
@@ -211,10 +230,10 @@ class FakeEngine(Engine):
                 if i >= max_new:
                     finish = "length"
                     break
-                yield GenerateOutput(text, None, n_prompt, i)
+                yield GenerationOutput(text, None, n_prompt, i)
             done = True
             self.finished += 1
-            yield GenerateOutput(text if generated else "", finish, n_prompt, i)
+            yield GenerationOutput(text if generated else "", finish, n_prompt, i)
         except (GeneratorExit, asyncio.CancelledError):
             if not done:
                 self.cancelled += 1

@@ -1,6 +1,5 @@
 """The web UI: prompt building, rendering, errors, logs and examples as functions; its handlers against an
-in-process controller and fake worker (Stop really cancels on the worker); and end to end through
-``llava-med launch`` on the tiny model with ``gradio_client``."""
+in-process controller and fake worker (Stop really cancels on the worker). End to end: tests/e2e/test_web_e2e.py."""
 
 from __future__ import annotations
 
@@ -13,43 +12,33 @@ from pathlib import Path
 
 import pytest
 import requests
-from PIL import Image
+import sample_images
 from servers import InProcessStack, free_port, in_process_stack, wait_until
 
 from llava_med.constants import ErrorCode
 from llava_med.errors import ImageError, ImageTooLargeError
-from llava_med.model.image_processing import ImageLimits, image_sha256, load_image
+from llava_med.images.decode import ImageLimits, image_sha256, load_image
 from llava_med.serve.client import (
     ClientConnectionError,
     ClientTimeoutError,
     NoWorkerError,
     WorkerError,
 )
-from llava_med.serve.fake_engine import FakeEngine
-from llava_med.serve.gradio_web_server import (
-    TURN_DONE,
-    TURN_ERROR,
-    TURN_STOPPED,
-    ChatSession,
-    ConversationLog,
-    Turn,
-    WebConfig,
-    build_prompt,
-    describe_error,
-    draw_chest_xray,
-    prepare_examples,
-    prepare_image,
-    render_chat,
-)
+from llava_med.chat import Message, render_chat
+from llava_med.engine.fake import FakeEngine
 from llava_med.serve.model_worker import ModelWorker
 from llava_med.serve.model_worker import create_app as create_worker_app
+from llava_med.serve.web.chat_log import ConversationLog
+from llava_med.serve.web.config import TURN_DONE, TURN_ERROR, TURN_STOPPED, WebConfig
+from llava_med.serve.web.examples import draw_chest_xray, prepare_examples
+from llava_med.serve.web.messages import chatbot_messages, describe_error
+from llava_med.serve.web.session import ChatSession, Turn, build_prompt, prepare_image
 
 gradio = pytest.importorskip("gradio", reason="the web UI needs the 'web' extra (gradio)")
 
 
 def png_file(path: Path, color=(200, 30, 30), size=(48, 32)) -> Path:
-    Image.new("RGB", size, color).save(path)
-    return path
+    return sample_images.png_file(path, sample_images.solid(color, size))
 
 
 def session_with_image(tmp_path: Path) -> ChatSession:
@@ -64,45 +53,50 @@ def session_with_image(tmp_path: Path) -> ChatSession:
 def test_prompt_with_image_and_history_uses_the_template(tmp_path):
     session = session_with_image(tmp_path)
     session.turns = [Turn("What is this?", "A chest film.", TURN_DONE), Turn("Any effusion?")]
-    prompt, stop, images = build_prompt("mistral_instruct", session)
-    assert prompt == "[INST] <image>\nWhat is this? [/INST] A chest film. </s>[INST] Any effusion? [/INST]"
-    assert stop == "</s>" and images == [session.image.b64]
-    prompt, stop, _ = build_prompt("llava_v1", session)
-    assert prompt.endswith("USER: <image>\nWhat is this? ASSISTANT: A chest film.</s> USER: Any effusion? ASSISTANT:")
-    assert stop == "</s>"
+    rendered = build_prompt("mistral_instruct", session)
+    assert rendered.prompt == "[INST] <image>\nWhat is this? [/INST] A chest film. </s>[INST] Any effusion? [/INST]"
+    assert rendered.stop == ("</s>",) and rendered.images == [session.image.b64]
+    # One rendering for every front end: the same conversation as chat messages gives the same prompt.
+    messages = [Message("user", "What is this?", (session.image.b64,)), Message("assistant", "A chest film."),
+                Message("user", "Any effusion?")]
+    assert render_chat(messages, "mistral_instruct") == rendered
+    rendered = build_prompt("llava_v1", session)
+    assert rendered.prompt.endswith(
+        "USER: <image>\nWhat is this? ASSISTANT: A chest film.</s> USER: Any effusion? ASSISTANT:")
+    assert rendered.stop == ("</s>",)
 
 
 def test_failed_and_empty_turns_stay_out_of_the_prompt(tmp_path):
     session = session_with_image(tmp_path)
     session.turns = [Turn("first", "", TURN_ERROR, error="no worker"), Turn("second", "", TURN_STOPPED),
                      Turn("third", "partial answer", TURN_STOPPED), Turn("fourth")]
-    prompt, _, images = build_prompt("mistral_instruct", session)
+    rendered = build_prompt("mistral_instruct", session)
     # The image goes with the first question that is in the prompt.
-    assert prompt == "[INST] <image>\nthird [/INST] partial answer </s>[INST] fourth [/INST]"
-    assert len(images) == 1
+    assert rendered.prompt == "[INST] <image>\nthird [/INST] partial answer </s>[INST] fourth [/INST]"
+    assert len(rendered.images) == 1
 
 
 def test_text_only_prompt():
     session = ChatSession(turns=[Turn("hello")])
-    prompt, _, images = build_prompt("mistral_instruct", session)
-    assert prompt == "[INST] hello [/INST]" and images == []
+    rendered = build_prompt("mistral_instruct", session)
+    assert rendered.prompt == "[INST] hello [/INST]" and rendered.images == []
 
 
 # ------------------------------------------------------------------------------------------------- rendering
 
 
-def test_render_chat_shows_the_image_once_and_each_status(tmp_path):
+def test_chatbot_messages_show_the_image_once_and_each_status(tmp_path):
     session = session_with_image(tmp_path / "..")
     session.image = prepare_image(png_file(tmp_path / "y.png"), images_dir=tmp_path / "images")
     session.turns = [Turn("q1", "done answer", TURN_DONE), Turn("q2", "half", TURN_STOPPED),
                      Turn("q3", "", TURN_ERROR, error="**No worker** here"), Turn("q4", "stream")]
-    messages = render_chat(session)
+    messages = chatbot_messages(session)
     assert messages[0] == {"role": "user", "content": {"path": session.image.path, "orig_name": "y.png"}}
     texts = [m["content"] for m in messages[1:]]
     assert texts == ["q1", "done answer", "q2", "half\n\n*(stopped)*", "q3", "⚠️ **No worker** here", "q4",
                      "stream▌"]
     assert [m["role"] for m in messages[1:]] == ["user", "assistant"] * 4
-    assert render_chat(None) == []
+    assert chatbot_messages(None) == []
 
 
 # ------------------------------------------------------------------------------------------------- errors
@@ -219,7 +213,7 @@ def fake_stack() -> Iterator[InProcessStack]:
 
 @pytest.fixture
 def ui(fake_stack, tmp_path):
-    from llava_med.serve.gradio_web_server import WebUI
+    from llava_med.serve.web.ui import WebUI
 
     return WebUI(WebConfig(controller_url=fake_stack.controller_url, log_dir=tmp_path / "web", examples=False))
 
@@ -252,7 +246,7 @@ def test_chat_streams_with_the_workers_template_and_logs(ui, fake_stack, tmp_pat
     assert answer.startswith("This is a fake answer about:") and answer.endswith("USER: What is shown? (end)")
     request = fake_stack.engine.requests[-1]
     assert request.prompt.endswith("USER: <image>\nWhat is shown? ASSISTANT:")  # llava_v1, from the worker
-    assert request.image_process_mode == "Pad" and request.stop == "</s>" and len(request.images) == 1
+    assert request.image_mode == "Pad" and request.params.stop == ("</s>",) and len(request.images) == 1
     # Second turn without re-uploading: the image stays with the conversation.
     outputs = list(ui.chat(session, "And the heart?", None, "Pad", "fake-med", 0.2, 0.7, 64, None))
     assert outputs[-1][0] is session and len(session.turns) == 2
@@ -274,7 +268,7 @@ def test_chat_errors_are_shown_in_the_chat(ui, tmp_path):
 
 
 def test_unreachable_controller_is_named(tmp_path):
-    from llava_med.serve.gradio_web_server import WebUI
+    from llava_med.serve.web.ui import WebUI
 
     url = f"http://127.0.0.1:{free_port()}"
     ui = WebUI(WebConfig(controller_url=url, log_dir=tmp_path, examples=False))
@@ -333,126 +327,3 @@ def test_preview_decodes_dicom_and_names_bad_files(ui, tmp_path):
     junk.write_bytes(b"junk")
     image, text = ui.preview(str(junk))
     assert image is None and text.startswith("⚠️") and "cannot be read" in text
-
-
-# ------------------------------------------------------------------------------------------------- end to end
-
-
-@pytest.fixture(scope="module")
-def launched(tmp_path_factory, request):
-    """``llava-med launch`` on the tiny model (real controller, hf worker and web UI processes)."""
-    from launch_helpers import pid_gone, start_launcher
-
-    log_dir = tmp_path_factory.mktemp("launch")
-    stack = start_launcher(log_dir, "--concurrency-count", "4", timeout=180)
-    failed_before = request.session.testsfailed
-    try:
-        yield stack
-        pids = stack.child_pids()
-        assert stack.terminate() == 0
-        wait_until(lambda: all(pid_gone(p) for p in pids), 10, message="every child gone")
-    finally:
-        if request.session.testsfailed > failed_before:
-            print(f"\n===== launched stack logs =====\n{stack.logs()}")
-        stack.kill_everything()
-
-
-@pytest.fixture(scope="module")
-def web(launched):
-    from gradio_client import Client
-
-    return Client(launched.web_url, verbose=False, download_files=False)
-
-
-def xray_png(tmp_path_factory) -> Path:
-    path = tmp_path_factory.getbasetemp() / "e2e_xray.png"
-    if not path.exists():
-        draw_chest_xray(256).save(path)
-    return path
-
-
-def chat_log(launched) -> list[dict]:
-    files = sorted((launched.log_dir / "web").glob("*-conv.jsonl"))
-    return [json.loads(line) for f in files for line in f.read_text().splitlines()]
-
-
-def assistant_text(chatbot_value) -> str:
-    content = chatbot_value[-1]["content"]
-    return "".join(part.get("text", "") for part in content) if isinstance(content, list) else str(content)
-
-
-@pytest.mark.slow
-def test_e2e_chat_with_image_streams_the_answer(launched, web, tmp_path_factory):
-    from gradio_client import handle_file
-
-    model = launched.models()[0]
-    assert model == "llava-med-tiny-mistral"
-    job = web.submit("What does this chest X-ray show?", handle_file(str(xray_png(tmp_path_factory))), "Default",
-                     model, 0.2, 0.7, 24, api_name="/chat")
-    job.result(timeout=120)
-    outputs = job.outputs()
-    answers = [assistant_text(out[0]) for out in outputs]
-    assert len(outputs) >= 3, answers  # streamed: the question, partial answers, the final one
-    assert answers[-1] and not answers[-1].startswith("⚠️") and not answers[-1].endswith("▌")
-    assert any(a.endswith("▌") for a in answers[:-1])  # partial answers were shown while streaming
-    user_parts = [m for m in outputs[-1][0] if m["role"] == "user"]
-    assert any(p.get("type") == "file" for m in user_parts for p in m["content"])  # the image is in the chat
-    record = chat_log(launched)[-1]
-    assert record["type"] == "chat" and record["status"] == "done" and record["model"] == model
-    assert record["conv_mode"] == "mistral_instruct" and len(record["images"]) == 1
-    # A second turn keeps the image (no new upload), and a DICOM upload works too (another session).
-    web.predict("And the heart?", None, "Default", model, 0.2, 0.7, 8, api_name="/chat")
-    record = chat_log(launched)[-1]
-    assert record["turn"] == 1 and len(record["messages"]) == 4 and record["messages"][0].get("image")
-    pydicom_data = pytest.importorskip("pydicom.data")
-    from gradio_client import Client
-
-    other = Client(launched.web_url, verbose=False, download_files=False)
-    result = other.predict("Which modality?", handle_file(pydicom_data.get_testdata_file("CT_small.dcm")), "Pad",
-                           model, 0.2, 0.7, 8, api_name="/chat")
-    assert assistant_text(result[0]) and not assistant_text(result[0]).startswith("⚠️")
-
-
-@pytest.mark.slow
-def test_e2e_stop_leaves_the_worker_queue_empty(launched, web, tmp_path_factory):
-    from gradio_client import handle_file
-
-    model = launched.models()[0]
-    job = web.submit("Describe everything in detail.", handle_file(str(xray_png(tmp_path_factory))), "Pad", model,
-                     0.9, 1.0, 1024, api_name="/chat")
-    wait_until(lambda: len(job.outputs()) >= 4, 60, message="the answer streaming")
-    assert launched.worker_queue_length() == 1
-    stopped_at = time.monotonic()
-    assert job.cancel()
-    wait_until(lambda: launched.worker_queue_length() == 0, 15, message="the worker's queue to empty")
-    assert time.monotonic() - stopped_at < 15  # a 1024-token answer takes far longer on this model
-    wait_until(lambda: chat_log(launched)[-1]["status"] == "stopped", 10, message="the stopped chat logged")
-
-
-@pytest.mark.slow
-def test_e2e_errors_votes_and_logs(launched, web, tmp_path_factory, tmp_path):
-    from gradio_client import Client, handle_file
-
-    model = launched.models()[0]
-    images_dir = launched.log_dir / "web" / "images"
-    before_images = set(images_dir.iterdir())
-    before = chat_log(launched)
-    client = Client(launched.web_url, verbose=False, download_files=False)
-    image = tmp_path / "fresh.png"
-    draw_chest_xray(128, seed=7).save(image)
-    for question in ("First question?", "Second question?"):
-        client.predict(question, handle_file(str(image)), "Default", model, 0.2, 0.7, 8, api_name="/chat")
-    client.predict(model, api_name="/upvote")
-    junk = tmp_path / "junk.png"
-    junk.write_bytes(b"not a picture")
-    result = client.predict("What is this?", handle_file(str(junk)), "Default", model, 0.2, 0.7, 8,
-                            api_name="/chat")
-    assert "The image cannot be read" in assistant_text(result[0])
-    result = client.predict("Hello?", None, "Default", "no-such-model", 0.2, 0.7, 8, api_name="/chat")
-    assert "No worker is serving model `no-such-model`" in assistant_text(result[0])
-    new = chat_log(launched)[len(before):]
-    assert [(r["type"], r.get("status")) for r in new] == [
-        ("chat", "done"), ("chat", "done"), ("upvote", None), ("chat", "error"), ("chat", "error")]
-    added = set(images_dir.iterdir()) - before_images
-    assert len(added) == 1 and next(iter(added)).name == f"{new[0]['images'][0]}.png"  # saved once
-    assert requests.get(launched.web_url + "/health", timeout=5).json()["status"] == "ok"

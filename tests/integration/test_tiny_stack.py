@@ -4,15 +4,15 @@ processes, driven like the original LLaVA clients."""
 from __future__ import annotations
 
 import base64
-import io
 
 import pytest
 import requests
-from PIL import Image, ImageDraw
+from sample_images import png_b64, scan
 from servers import FAST_HEARTBEAT_ENV, ProcessGroup, original_stream, wait_until
 
-from llava_med.model.generation import SamplingParams, generate
-from llava_med.model.prompting import build_single_turn_prompt
+from llava_med.chat import Message, render_chat
+from llava_med.model.generation import generate
+from llava_med.sampling import SamplingParams
 from llava_med.serve.client import LlavaMedClient, WorkerError
 from llava_med.serve.protocol import ErrorCode
 
@@ -22,16 +22,9 @@ TINY = "llava-med-tiny-mistral"
 FAKE = "llava-med-fake"
 
 
-def _png_b64() -> str:
-    img = Image.new("RGB", (240, 200), (12, 12, 12))
-    ImageDraw.Draw(img).ellipse((40, 30, 200, 170), fill=(210, 205, 190))
-    buf = io.BytesIO()
-    img.save(buf, "PNG")
-    return base64.b64encode(buf.getvalue()).decode()
-
-
-IMAGE = _png_b64()
-PROMPT, STOP = build_single_turn_prompt("What does this scan show?", 1, "mistral_instruct")
+IMAGE = png_b64(scan())
+RENDERED = render_chat([Message("user", "What does this scan show?", (IMAGE,))], "mistral_instruct")
+PROMPT, STOP = RENDERED.prompt, RENDERED.stop_str
 
 
 @pytest.fixture(scope="module")

@@ -76,6 +76,28 @@ def test_models_workers_gpus_and_loader_flags(tmp_path):
         assert w.argv[w.argv.index("--worker-address") + 1] == w.url == f"http://127.0.0.1:{w.port}"
 
 
+def test_every_worker_flag_is_passed_on_from_its_one_definition(tmp_path):
+    from llava_med.model.args import add_model_args
+    from llava_med.serve.model_worker import parse_args as worker_parse_args
+
+    cfg = config("--engine", "fake", "--fake-token-delay", "0.5", "--max-batch-size", "4", "--num-gpus", "2",
+                 "--vision-tower", "/clip", "--local-files-only", "--stream-min-interval", "0",
+                 "--controller-port", "0", "--worker-port", "0", "--no-web", "--log-dir", str(tmp_path))
+    (worker,) = [s for s in plan(cfg) if s.role == "worker"]
+    flags = worker.argv[worker.argv.index("llava_med.serve.model_worker") + 1:]
+    args = worker_parse_args(flags)  # the worker understands every flag it is given
+    assert (args.engine, args.fake_token_delay, args.max_batch_size, args.num_gpus, args.vision_tower,
+            args.local_files_only, args.stream_min_interval) == ("fake", 0.5, 4, 2, "/clip", True, 0.0)
+    assert "--dtype" not in flags and "--device" not in flags  # defaults are left to the worker
+    # The launcher declares the loader's flags from the same definition as the worker.
+    import argparse
+
+    loader = argparse.ArgumentParser()
+    add_model_args(loader, paths=False)
+    launcher_options = set(build_parser()._option_string_actions)
+    assert set(loader._option_string_actions) <= launcher_options
+
+
 def test_consecutive_worker_ports_and_port_conflicts(tmp_path):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))

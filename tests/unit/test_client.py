@@ -22,7 +22,7 @@ from llava_med.serve.client import (
 )
 from llava_med.serve.controller import Controller
 from llava_med.serve.controller import create_app as create_controller_app
-from llava_med.serve.fake_engine import FakeEngine
+from llava_med.engine.fake import FakeEngine
 from llava_med.serve.model_worker import ModelWorker
 from llava_med.serve.model_worker import create_app as create_worker_app
 from llava_med.serve.protocol import ErrorCode
@@ -71,9 +71,9 @@ def test_generate_with_each_image_kind_and_echo_off(stack):
     b64 = base64.b64encode(raw).decode()
     prompt = "[INST] <image>\n<image>\n<image>\nCompare. [/INST]"
     out = client.generate("fake-med", prompt, [png_image(), raw, b64], echo=False)
-    assert out.endswith("Compare. (end)")
+    assert out.endswith("Compare. (end)") and not out.startswith("[INST]")  # echo off: the answer alone
     sent = stack.engine.requests[-1]
-    assert sent.images[1:] == [b64, b64] and sent.echo is False
+    assert sent.images[1:] == (b64, b64)
     decoded = Image.open(io.BytesIO(base64.b64decode(sent.images[0])))
     assert decoded.size == (8, 8)
 
@@ -169,3 +169,34 @@ def test_conv_template_of_a_worker(stack):
     assert client.conv_template(stack.worker_url) == "mistral_instruct"
     with pytest.raises(ClientConnectionError):
         client.conv_template(f"http://127.0.0.1:{free_port()}")
+
+
+def test_chat_renders_with_the_workers_template_plain_and_streaming(stack):
+    from llava_med.chat import Message, render_chat
+
+    client = LlavaMedClient(stack.controller_url)
+    messages = [Message("user", "What is shown?", (png_image(),)), Message("assistant", "A red square."),
+                Message("user", "Is it normal?")]
+    answer = client.chat("fake-med", messages, temperature=0)
+    expected = render_chat(messages, "mistral_instruct")
+    sent = stack.engine.requests[-1]
+    assert sent.prompt == expected.prompt and len(sent.images) == 1
+    assert sent.params.stop == ("</s>",) and sent.params.temperature == 0
+    # The fake echoes the prompt's last words, which hold the template's "</s>": the stop string cuts it there.
+    assert answer == "This is a fake answer about: [/INST] A red square. "
+    chunks = list(client.chat("fake-med", [{"role": "user", "content": "Hi"}], stream=True))
+    assert chunks[-1].output == "This is a fake answer about: Hi (end)" and chunks[-1].finish_reason == "stop"
+    assert stack.engine.requests[-1].prompt == "[INST] Hi [/INST]"
+    direct = LlavaMedClient(worker_url=stack.worker_url)
+    assert direct.chat(None, [{"role": "user", "content": "Hi"}], conv_mode="llava_v1").endswith("Hi (end)")
+    assert stack.engine.requests[-1].prompt.endswith("USER: Hi ASSISTANT:")
+
+
+def test_chat_errors(stack):
+    from llava_med.errors import BadRequestError
+
+    client = LlavaMedClient(stack.controller_url)
+    with pytest.raises(NoWorkerError):
+        client.chat("nope", [{"role": "user", "content": "Hi"}])
+    with pytest.raises(BadRequestError, match="last message"):
+        client.chat("fake-med", [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}])

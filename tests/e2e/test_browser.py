@@ -1,6 +1,10 @@
-"""A real browser (headless Chromium driven by Playwright) on the stack started by ``llava-med launch`` (tiny model):
-open the page, upload an image, ask, see the answer stream in, press Stop (the worker's queue empties), then
-Regenerate; a screenshot is saved.
+"""A real browser (headless Chromium driven by Playwright) on the stack started by ``llava-med launch``: open the
+page, upload an image, ask, see the answer stream in, press Stop (the worker's queue empties), then Regenerate; a
+screenshot is saved.
+
+The worker is the scripted engine at 20 tokens per second with a long script, so that Stop always lands in the
+middle of an answer (the tiny model finishes 512 tokens in about two seconds, a race with the click). The tiny
+model's path through the web chat is tested end to end in test_web_e2e.py.
 
 Chromium comes from the system (Debian: ``apt-get install chromium``; ``.ci/run`` installs it): Playwright only
 drives it through ``executable_path``, no browser is downloaded. Without Chromium the test is skipped, saying so.
@@ -18,7 +22,7 @@ import pytest
 from launch_helpers import start_launcher
 from servers import wait_until
 
-from llava_med.serve.gradio_web_server import draw_chest_xray
+from llava_med.serve.web.examples import draw_chest_xray
 
 pytestmark = pytest.mark.slow
 
@@ -68,7 +72,8 @@ def test_browser_upload_ask_stop_regenerate(chromium_path, tmp_path, request):
 
     image = tmp_path / "chest_xray.png"
     draw_chest_xray(384).save(image)
-    stack = start_launcher(tmp_path / "stack", timeout=180)
+    stack = start_launcher(tmp_path / "stack", "--engine", "fake", "--fake-token-delay", "0.05",
+                           "--fake-script", " ".join(f"finding{i}" for i in range(600)), timeout=180)
     shots = Path(os.environ.get("LLAVA_MED_SCREENSHOT_DIR") or tmp_path)
     shots.mkdir(parents=True, exist_ok=True)
     try:
@@ -81,7 +86,7 @@ def test_browser_upload_ask_stop_regenerate(chromium_path, tmp_path, request):
                 textbox = page.locator("#llava-med-input textarea")
                 expect(textbox).to_be_visible()
                 expect(page.get_by_text("Research use only.")).to_be_visible()
-                expect(page.locator("#llava-med-model input")).to_have_value("llava-med-tiny-mistral")
+                expect(page.locator("#llava-med-model input")).to_have_value("llava-med-fake")
                 page.get_by_text("Parameters").click()  # opened early: its sliders settle while we chat
 
                 # Upload: the preview shows the decoded image.
@@ -89,7 +94,7 @@ def test_browser_upload_ask_stop_regenerate(chromium_path, tmp_path, request):
                 expect(page.locator("#llava-med-preview img")).to_be_visible()
                 expect(page.locator("#llava-med-upload-status")).to_contain_text("384×384")
 
-                # Ask (the default 512 output tokens take the tiny model tens of seconds): the answer streams in.
+                # Ask (the default 512 output tokens take the scripted engine 25 s): the answer streams in.
                 textbox.fill("What does this chest X-ray show?")
                 page.locator("#llava-med-send").click()
                 stop = page.locator("#llava-med-stop")
