@@ -16,6 +16,8 @@ from typing import Any
 import requests
 from servers import FAST_HEARTBEAT_ENV, _base_env, wait_until
 
+from llava_med.serve.processes import ManagedProcess
+
 FREE_PORTS = ["--controller-port", "0", "--worker-port", "0", "--web-port", "0"]
 
 
@@ -31,13 +33,16 @@ def pid_gone(pid: int) -> bool:
 
 @dataclass
 class LaunchedStack:
-    """A launcher process and what it reported in ``stack.json``."""
+    """A launcher process (the project's ManagedProcess; its output in ``<log_dir>/launcher.out``) and what it
+    reported in ``stack.json``."""
 
-    proc: subprocess.Popen[str]
+    process: ManagedProcess
     log_dir: Path
-    stdout_path: Path
-    stderr_path: Path
     info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def proc(self) -> subprocess.Popen:
+        return self.process.proc
 
     @property
     def web_url(self) -> str:
@@ -58,13 +63,8 @@ class LaunchedStack:
         return next(c["pid"] for c in self.info["children"] if c["role"] == role)
 
     def output(self) -> str:
-        parts = []
-        for path in (self.stdout_path, self.stderr_path):
-            try:
-                parts.append(path.read_text(errors="replace"))
-            except OSError:
-                pass
-        return "\n".join(parts)
+        """What the launcher printed (stdout and stderr)."""
+        return self.process.log_tail(None)
 
     def logs(self, tail: int = 60) -> str:
         parts = [f"----- launcher -----\n{self.output()[-6000:]}"]
@@ -82,16 +82,13 @@ class LaunchedStack:
 
     def terminate(self, timeout: float = 40.0) -> int:
         """SIGTERM the launcher and wait for it; returns its exit code."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+        self.process.signal(signal.SIGTERM)
         return self.proc.wait(timeout=timeout)
 
     def kill_everything(self) -> None:
         """Last-resort cleanup after a failed test: no process may outlive the test."""
         pids = self.child_pids() if self.info else []
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
+        self.process.kill()
         for pid in pids:
             if not pid_gone(pid):
                 try:
@@ -106,18 +103,16 @@ def start_launcher(log_dir: Path, *args: str, timeout: float = 180.0,
     exists (the launcher writes it when every child is healthy). Fails with the logs if the launcher exits."""
     log_dir.mkdir(parents=True, exist_ok=True)
     (log_dir / "stack.json").unlink(missing_ok=True)
-    stdout_path, stderr_path = log_dir / "launcher.stdout", log_dir / "launcher.stderr"
     argv = [sys.executable, "-m", "llava_med.serve.launch", "--log-dir", str(log_dir), *FREE_PORTS,
             "--startup-timeout", str(int(timeout)), *args]
-    with open(stdout_path, "w") as out, open(stderr_path, "w") as err:
-        proc = subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL, text=True,
-                                env=_base_env({**FAST_HEARTBEAT_ENV, **(env or {})}))
-    stack = LaunchedStack(proc, log_dir, stdout_path, stderr_path)
+    process = ManagedProcess("launcher", argv, log_dir / "launcher.out",
+                             env=_base_env({**FAST_HEARTBEAT_ENV, **(env or {})})).start()
+    stack = LaunchedStack(process, log_dir)
     info_path = log_dir / "stack.json"
     deadline = time.monotonic() + timeout + 20
     while not info_path.exists():
-        if proc.poll() is not None:
-            raise AssertionError(f"the launcher exited with {proc.returncode} before the stack was up:\n"
+        if not process.alive():
+            raise AssertionError(f"the launcher exited with {process.returncode} before the stack was up:\n"
                                  f"{stack.logs()}")
         if time.monotonic() > deadline:
             stack.kill_everything()

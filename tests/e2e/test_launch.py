@@ -169,7 +169,7 @@ def test_a_dead_child_is_reported_with_its_log_and_the_rest_stopped(tmp_path):
         os.kill(worker_pid, signal.SIGKILL)
         code = stack.proc.wait(timeout=30)
         assert code == 1
-        err = stack.stderr_path.read_text()
+        err = stack.output()
         assert f"worker-0 (pid {worker_pid}) exited unexpectedly with code -9" in err
         assert "fake engine ready" in err  # a line from the tail of the worker's log
         wait_until(lambda: all(pid_gone(p) for p in pids), 10, message="the other children stopped")
