@@ -12,7 +12,7 @@ with open("README.md", encoding="utf-8") as fh:
 setup(
     name="llava-med-serve",
     version="0.1.0",
-    description="Controller/worker serving stack, web chat, CLI and Python client for LLaVA-Med v1.5",
+    description="Controller/worker serving stack, web chat, CLI, Python client and OpenAI-compatible API for LLaVA-Med v1.5",
     long_description=long_description,
     long_description_content_type="text/markdown",
     license="Apache-2.0",
@@ -38,8 +38,9 @@ setup(
     extras_require={
         "quant": ["bitsandbytes>=0.45"],
         "web": ["gradio>=6,<7"],
-        # gradio_client drives the web UI in tests; playwright drives the system's Chromium (no browser download).
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "gradio_client>=2,<3", "playwright>=1.40"],
+        # gradio_client drives the web UI in tests; playwright drives the system's Chromium (no browser download);
+        # the official openai package drives the OpenAI-compatible API in tests.
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "gradio_client>=2,<3", "playwright>=1.40", "openai>=1.40"],
     },
     entry_points={"console_scripts": ["llava-med=llava_med.__main__:main"]},
     classifiers=[

@@ -7,7 +7,9 @@ nothing here is mutated at run time.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from enum import IntEnum
+from types import MappingProxyType
 
 # The image placeholder of prompts and its sentinel token id, as in the original LLaVA code base.
 IMAGE_TOKEN_INDEX = -200
@@ -18,6 +20,7 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_CONTROLLER_PORT = 21001
 DEFAULT_WORKER_PORT = 21002
 DEFAULT_WEB_PORT = 7860
+DEFAULT_OPENAI_PORT = 8000
 DEFAULT_CONTROLLER_URL = f"http://localhost:{DEFAULT_CONTROLLER_PORT}"
 DEFAULT_WORKER_URL = f"http://localhost:{DEFAULT_WORKER_PORT}"
 
@@ -73,3 +76,31 @@ class ErrorCode(IntEnum):
     CONTROLLER_NO_WORKER = 50005
     CONTROLLER_WORKER_TIMEOUT = 50006
     WORKER_UNREACHABLE = 50007
+
+
+#: The HTTP status every server answers for an error code (where a status is sent at all: the original stream
+#: endpoints always answer 200 and carry the code in their one error chunk). The README's table lists it.
+HTTP_STATUS: Mapping[ErrorCode, int] = MappingProxyType({
+    ErrorCode.BAD_REQUEST: 400,
+    ErrorCode.BAD_IMAGE: 400,
+    ErrorCode.IMAGE_COUNT_MISMATCH: 400,
+    ErrorCode.PARAM_OUT_OF_RANGE: 400,
+    ErrorCode.CONTEXT_OVERFLOW: 400,
+    ErrorCode.INVALID_AUTH_KEY: 401,
+    ErrorCode.INVALID_MODEL: 404,
+    ErrorCode.ENGINE_OVERLOADED: 503,
+    ErrorCode.CANCELLED: 499,
+    ErrorCode.INTERNAL_ERROR: 500,
+    ErrorCode.OUT_OF_MEMORY: 503,
+    ErrorCode.CONTROLLER_NO_WORKER: 503,
+    ErrorCode.CONTROLLER_WORKER_TIMEOUT: 504,
+    ErrorCode.WORKER_UNREACHABLE: 503,
+})
+
+
+def http_status(code: ErrorCode | int) -> int:
+    """The HTTP status for ``code`` (:data:`HTTP_STATUS`; unknown codes: 500)."""
+    try:
+        return HTTP_STATUS[ErrorCode(int(code))]
+    except (ValueError, KeyError):
+        return 500

@@ -18,7 +18,7 @@ from servers import FAST_HEARTBEAT_ENV, _base_env, wait_until
 
 from llava_med.serve.processes import ManagedProcess
 
-FREE_PORTS = ["--controller-port", "0", "--worker-port", "0", "--web-port", "0"]
+FREE_PORTS = ["--controller-port", "0", "--worker-port", "0", "--web-port", "0", "--openai-port", "0"]
 
 
 def pid_gone(pid: int) -> bool:

@@ -45,6 +45,7 @@ __all__ = [
     "decode_image_bytes",
     "dicom_to_image",
     "encode_image_base64",
+    "fetch_url",
     "image_sha256",
     "load_image",
     "to_rgb",
@@ -154,7 +155,7 @@ def _load_from_string(text: str, limits: ImageLimits, *, allow_url: bool, url_ti
                 f"image URLs are disabled (got {preview(stripped, 80)}); send the image as base64 or bytes, or "
                 "enable URL fetching explicitly (load_image(..., allow_url=True), or the server's option for it)"
             )
-        data = _fetch_url(stripped, limits, url_timeout)
+        data = fetch_url(stripped, limits, url_timeout)
         return _decode_bytes(data, limits, f"image from URL {preview(stripped, 80)}")
     if head.startswith("data:"):
         data = _decode_data_url(stripped, limits)
@@ -266,8 +267,10 @@ def _decode_data_url(url: str, limits: ImageLimits) -> bytes:
     return data
 
 
-def _fetch_url(url: str, limits: ImageLimits, timeout: float) -> bytes:
-    """Download ``url`` with the byte limit enforced while streaming and an overall deadline of ``timeout``."""
+def fetch_url(url: str, limits: ImageLimits, timeout: float) -> bytes:
+    """Download ``url`` with the byte limit enforced while streaming and an overall deadline of ``timeout``.
+
+    Only for servers where an operator enabled image URLs explicitly (``--allow-image-urls``)."""
     try:
         import requests
     except ImportError as exc:

@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from llava_med.constants import ErrorCode
+from llava_med.constants import ErrorCode, http_status
 from llava_med.errors import BadRequestError, LlavaMedError
 from llava_med.serve.protocol import (  # noqa: F401 - auth helpers re-exported for the servers
     AUTH_TOKEN_ENV,
@@ -79,16 +79,10 @@ def stream_response(iterator: AsyncIterator[bytes], status_code: int = 200) -> C
     return ClosingStreamingResponse(iterator, status_code=status_code, media_type=STREAM_MEDIA_TYPE)
 
 
-def http_status_for(code: ErrorCode | int) -> int:
-    """40001 -> 400, 40101 -> 401, 42903 -> 429, 50005 -> 500 ..."""
-    status = int(code) // 100
-    return status if 400 <= status < 600 else 500
-
-
 def error_json(code: ErrorCode | int, message: str, status_code: int | None = None) -> JSONResponse:
     chunk = error_chunk(code, message)
     body = ErrorResponse(error_code=int(code), message=message, text=chunk.text)
-    return JSONResponse(body.model_dump(), status_code=status_code or http_status_for(code))
+    return JSONResponse(body.model_dump(), status_code=status_code or http_status(code))
 
 
 async def stop_task(task: asyncio.Task | None) -> None:
@@ -104,9 +98,10 @@ async def stop_task(task: asyncio.Task | None) -> None:
         logger.exception("background task %s failed", task.get_name())
 
 
-def service_app(title: str, service: Any, state_name: str) -> FastAPI:
+def service_app(title: str, service: Any, state_name: str, *, enable_docs: bool = False) -> FastAPI:
     """A FastAPI app whose lifespan runs ``await service.start()`` and ``await service.close()``, with the service on
-    ``app.state.<state_name>`` and the shared error handlers installed. Routes are added by the caller."""
+    ``app.state.<state_name>`` and the shared error handlers installed. Routes are added by the caller.
+    ``/docs`` and ``/openapi.json`` are served only with ``enable_docs`` (``--enable-docs``)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -116,7 +111,8 @@ def service_app(title: str, service: Any, state_name: str) -> FastAPI:
         finally:
             await service.close()
 
-    app = FastAPI(title=title, lifespan=lifespan)
+    docs = {} if enable_docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title=title, lifespan=lifespan, **docs)
     setattr(app.state, state_name, service)
     install_error_handlers(app)
     return app

@@ -14,11 +14,13 @@ Errors raise :class:`ClientError` subclasses: :class:`NoWorkerError` (no worker 
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import os
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
+import httpx
 import requests
 
 from llava_med.chat import ChatPrompt, Message, render_chat, resolve_conv_mode
@@ -30,10 +32,12 @@ from llava_med.serve.protocol import (
     StreamProtocolError,
     WorkerStatus,
     error_cause,
+    aiter_chunks,
     iter_chunks,
 )
 
 __all__ = [
+    "AsyncLlavaMedClient",
     "LlavaMedClient",
     "ClientChunk",
     "ClientError",
@@ -106,6 +110,49 @@ def encode_image(image: Any) -> str:
         return encode_image_base64(image)
     raise TypeError(f"images must be PIL images, bytes, pathlib.Path files or base64 strings, got "
                     f"{type(image).__name__}")
+
+
+def http_error(url: str, status: int, body: str) -> WorkerError:
+    """The error a non-200 answer stands for (our servers send ``{"error_code", "message"}``)."""
+    try:
+        data = json.loads(body)
+        code = int(data.get("error_code", ErrorCode.INTERNAL_ERROR))
+        message = data.get("message") or data.get("detail") or body
+    except (ValueError, AttributeError, TypeError):
+        code, message = int(ErrorCode.INTERNAL_ERROR), body[:500]
+    return WorkerError(code, f"{url} answered HTTP {status}: {message}")
+
+
+def chunk_error(chunk: StreamChunk) -> WorkerError:
+    """The error an error chunk stands for (:class:`NoWorkerError` when no worker serves the model)."""
+    message = error_cause(chunk)
+    if chunk.error_code == ErrorCode.CONTROLLER_NO_WORKER:
+        return NoWorkerError(message)
+    return WorkerError(chunk.error_code, message)
+
+
+def client_chunk(chunk: StreamChunk, echo_prefix: str | None) -> ClientChunk:
+    """A stream chunk with ``output``: the text without the echoed prompt."""
+    text = chunk.text
+    output = text[len(echo_prefix):] if echo_prefix is not None and text.startswith(echo_prefix) else text
+    return ClientChunk(**chunk.model_dump(), output=output)
+
+
+def generate_payload(model: str | None, prompt: str, images: Sequence[Any] | None = None, *,
+                     temperature: float = CHAT_DEFAULTS.temperature, top_p: float = CHAT_DEFAULTS.top_p,
+                     max_new_tokens: int = CHAT_DEFAULTS.max_new_tokens, stop: str | Sequence[str] | None = None,
+                     seed: int | None = None, echo: bool = True, **extra: Any) -> dict[str, Any]:
+    """The JSON body of ``/worker_generate_stream`` (images encoded as the wire carries them)."""
+    payload: dict[str, Any] = {
+        "model": model, "prompt": prompt, "temperature": temperature, "top_p": top_p,
+        "max_new_tokens": max_new_tokens, "stop": stop if stop is None or isinstance(stop, str) else list(stop),
+        "echo": echo, **extra,
+    }
+    if images:
+        payload["images"] = [encode_image(image) for image in images]
+    if seed is not None:
+        payload["seed"] = seed
+    return payload
 
 
 def _is_read_timeout(exc: BaseException) -> bool:
@@ -181,13 +228,7 @@ class LlavaMedClient:
 
     @staticmethod
     def _http_error(url: str, resp: requests.Response) -> WorkerError:
-        try:
-            data = resp.json()
-            code = int(data.get("error_code", ErrorCode.INTERNAL_ERROR))
-            message = data.get("message") or data.get("detail") or resp.text
-        except (ValueError, AttributeError, TypeError):
-            code, message = int(ErrorCode.INTERNAL_ERROR), resp.text[:500]
-        return WorkerError(code, f"{url} answered HTTP {resp.status_code}: {message}")
+        return http_error(url, resp.status_code, resp.text)
 
     def _auth_headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.auth_token}"} if self.auth_token else {}
@@ -274,19 +315,10 @@ class LlavaMedClient:
         return self._stream_to(target, model, prompt, images, temperature=temperature, top_p=top_p,
                                max_new_tokens=max_new_tokens, stop=stop, seed=seed, echo=echo, **extra)
 
-    def _stream_to(self, target: str, model: str | None, prompt: str, images: Sequence[Any] | None, *,
-                   temperature: float = CHAT_DEFAULTS.temperature, top_p: float = CHAT_DEFAULTS.top_p,
-                   max_new_tokens: int = CHAT_DEFAULTS.max_new_tokens, stop: str | list[str] | None = None,
-                   seed: int | None = None, echo: bool = True, **extra: Any) -> Iterator[ClientChunk]:
-        payload: dict[str, Any] = {
-            "model": model, "prompt": prompt, "temperature": temperature, "top_p": top_p,
-            "max_new_tokens": max_new_tokens, "stop": stop, "echo": echo, **extra,
-        }
-        if images:
-            payload["images"] = [encode_image(image) for image in images]
-        if seed is not None:
-            payload["seed"] = seed
-        return self._stream(target + "/worker_generate_stream", payload, prompt if echo else None)
+    def _stream_to(self, target: str, model: str | None, prompt: str, images: Sequence[Any] | None,
+                   **kwargs: Any) -> Iterator[ClientChunk]:
+        payload = generate_payload(model, prompt, images, **kwargs)
+        return self._stream(target + "/worker_generate_stream", payload, prompt if payload["echo"] else None)
 
     def _stream(self, url: str, payload: dict[str, Any], echo_prefix: str | None) -> Iterator[ClientChunk]:
         try:
@@ -301,16 +333,8 @@ class LlavaMedClient:
             try:
                 for chunk in iter_chunks(resp.iter_content(chunk_size=None)):
                     if chunk.error_code:
-                        message = error_cause(chunk)
-                        if chunk.error_code == ErrorCode.CONTROLLER_NO_WORKER:
-                            raise NoWorkerError(message)
-                        raise WorkerError(chunk.error_code, message)
-                    text = chunk.text
-                    if echo_prefix is not None and text.startswith(echo_prefix):
-                        output = text[len(echo_prefix):]
-                    else:
-                        output = text
-                    yield ClientChunk(**chunk.model_dump(), output=output)
+                        raise chunk_error(chunk)
+                    yield client_chunk(chunk, echo_prefix)
             except requests.Timeout as exc:
                 raise ClientTimeoutError(f"{url} sent nothing for {self.timeout:g} s") from exc
             except requests.RequestException as exc:
@@ -356,3 +380,79 @@ class LlavaMedClient:
             output = chunk.output
         return output
 
+
+class AsyncLlavaMedClient:
+    """The asyncio client of a controller and its workers (for servers built on the stack, such as the
+    OpenAI-compatible API). Same errors as :class:`LlavaMedClient`; ``timeout`` bounds each wait for bytes."""
+
+    def __init__(self, controller_url: str, *, timeout: float | None = None,
+                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self.controller_url = controller_url.rstrip("/")
+        self.timeout = worker_api_timeout() if timeout is None else float(timeout)
+        if self.timeout <= 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {self.timeout}")
+        self.http = httpx.AsyncClient(
+            transport=transport, trust_env=False,
+            timeout=httpx.Timeout(self.timeout, connect=min(CONNECT_TIMEOUT, self.timeout)),
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
+        )
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+    async def _post(self, url: str, json: Any = None) -> httpx.Response:
+        try:
+            resp = await self.http.post(url, json=json)
+        except httpx.TimeoutException as exc:
+            raise ClientTimeoutError(f"{url} did not answer within {self.timeout:g} s") from exc
+        except httpx.HTTPError as exc:
+            raise ClientConnectionError(f"cannot reach {url}: {type(exc).__name__}: {exc}") from exc
+        if resp.status_code != 200:
+            raise http_error(url, resp.status_code, resp.text)
+        return resp
+
+    async def list_models(self) -> list[str]:
+        return sorted((await self._post(self.controller_url + "/list_models")).json()["models"])
+
+    async def get_worker_address(self, model: str) -> str:
+        """The address of a worker serving ``model``; NoWorkerError when none does."""
+        address = (await self._post(self.controller_url + "/get_worker_address", {"model": model})).json()["address"]
+        if not address:
+            raise NoWorkerError(f"no worker serves model {model!r}; available models: {await self.list_models()}")
+        return address
+
+    async def conv_mode_for(self, worker_url: str, explicit: str | None = None) -> str:
+        """As :meth:`LlavaMedClient.conv_mode_for`."""
+        if explicit:
+            return resolve_conv_mode(explicit)
+        try:
+            resp = await self._post(worker_url.rstrip("/") + "/worker_get_conv_template")
+            reported = ConvTemplateResponse.model_validate(resp.json()).conv_mode
+        except ClientError as exc:
+            logger.warning("cannot ask %s for its template (%s); using the default", worker_url, exc)
+            reported = None
+        return resolve_conv_mode(None, reported, source=worker_url)
+
+    async def count_tokens(self, worker_url: str, prompt: str) -> int:
+        """``/count_token`` of a worker: the prompt's positions, each ``<image>`` counted as its image tokens."""
+        return int((await self._post(worker_url.rstrip("/") + "/count_token", {"prompt": prompt})).json()["count"])
+
+    async def generate_stream(self, target: str, payload: dict[str, Any]) -> AsyncIterator[ClientChunk]:
+        """Stream ``payload`` (see :func:`generate_payload`) from ``target`` (a worker, or a controller that
+        relays). Closing the iterator closes the connection, and the worker cancels the generation."""
+        url = target.rstrip("/") + "/worker_generate_stream"
+        echo_prefix = payload["prompt"] if payload.get("echo", True) else None
+        try:
+            async with self.http.stream("POST", url, json=payload) as resp:
+                if resp.status_code != 200:
+                    raise http_error(url, resp.status_code, (await resp.aread()).decode("utf-8", "replace"))
+                async for chunk in aiter_chunks(resp.aiter_bytes()):
+                    if chunk.error_code:
+                        raise chunk_error(chunk)
+                    yield client_chunk(chunk, echo_prefix)
+        except httpx.TimeoutException as exc:
+            raise ClientTimeoutError(f"{url} sent nothing for {self.timeout:g} s") from exc
+        except httpx.HTTPError as exc:
+            raise ClientConnectionError(f"the connection to {url} broke: {type(exc).__name__}: {exc}") from exc
+        except StreamProtocolError as exc:
+            raise ClientConnectionError(f"the stream from {url} was cut or garbled: {exc}") from exc

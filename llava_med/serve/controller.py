@@ -396,10 +396,10 @@ async def _close_response(response: httpx.Response) -> None:
 # ---------------------------------------------------------------------------------------------------------------- app
 
 
-def create_app(controller: Controller) -> FastAPI:
+def create_app(controller: Controller, *, enable_docs: bool = False) -> FastAPI:
     """The controller's FastAPI app; the controller's expiry task runs for the app's lifetime."""
 
-    app = _http.service_app("LLaVA-Med controller", controller, "controller")
+    app = _http.service_app("LLaVA-Med controller", controller, "controller", enable_docs=enable_docs)
 
     @app.post("/register_worker")
     async def register_worker(request: Request) -> Any:
@@ -472,6 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--auth-token", type=str, default=None,
         help=f"shared secret workers must send to register (default: env {_http.AUTH_TOKEN_ENV}; none: open)",
     )
+    parser.add_argument("--enable-docs", action="store_true", help="serve /docs and /openapi.json")
     parser.add_argument("--log-level", type=str, default="info",
                         choices=["critical", "error", "warning", "info", "debug"])
     return parser
@@ -495,7 +496,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if controller.auth_token is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("listening on %s without --auth-token: anyone who can reach it may register workers",
                        args.host)
-    server = _http.build_server(create_app(controller), args.host, args.port, args.log_level)
+    server = _http.build_server(create_app(controller, enable_docs=args.enable_docs), args.host, args.port,
+                                args.log_level)
     server.run()
 
 

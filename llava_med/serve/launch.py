@@ -40,6 +40,7 @@ import httpx
 from llava_med.constants import (
     DEFAULT_CONTROLLER_PORT,
     DEFAULT_HOST,
+    DEFAULT_OPENAI_PORT,
     DEFAULT_WEB_PORT,
     DEFAULT_WORKER_PORT,
 )
@@ -77,6 +78,9 @@ class LaunchConfig:
     worker_args: list[str] = dataclasses.field(default_factory=list)
     web: bool = True
     web_args: list[str] = dataclasses.field(default_factory=list)
+    openai: bool = True
+    openai_port: int = DEFAULT_OPENAI_PORT
+    openai_args: list[str] = dataclasses.field(default_factory=list)
     log_dir: Path = Path(DEFAULT_LOG_DIR)
     startup_timeout: float = 900.0
     stop_timeout: float = 10.0
@@ -90,7 +94,7 @@ class LaunchConfig:
             raise LaunchError(f"--workers-per-model must be >= 1, got {self.workers_per_model}")
         if self.engine not in engine_names():
             raise LaunchError(f"--engine must be one of {', '.join(engine_names())}, got {self.engine!r}")
-        for name in ("controller_port", "worker_port", "web_port"):
+        for name in ("controller_port", "worker_port", "web_port", "openai_port"):
             port = getattr(self, name)
             if not 0 <= port <= 65535:
                 raise LaunchError(f"--{name.replace('_', '-')} must be 0 (any free port) or 1-65535, got {port}")
@@ -107,7 +111,7 @@ class ChildSpec:
     """One child process: its command, environment additions, URL and health check."""
 
     name: str
-    role: str  # controller | worker | web
+    role: str  # controller | worker | web | openai
     argv: list[str]
     port: int
     url: str
@@ -194,6 +198,12 @@ def plan(config: LaunchConfig) -> list[ChildSpec]:
                 "--controller-url", controller_url, "--log-dir", str(config.log_dir / "web"),
                 "--model-list-mode", "reload", *config.web_args]
         children.append(ChildSpec("web", "web", argv, port, url, {"GRADIO_ANALYTICS_ENABLED": "False"}))
+    if config.openai:
+        port = ports.take(config.openai_port, "OpenAI-compatible API", "--openai-port")
+        url = _http.advertised_url(local, port)
+        argv = [*py, "llava_med.serve.openai_api", "--host", config.host, "--port", str(port),
+                "--controller-url", controller_url, *config.openai_args]
+        children.append(ChildSpec("openai-api", "openai", argv, port, url))
     return children
 
 
@@ -245,12 +255,18 @@ class Stack:
     def web_url(self) -> str | None:
         return next((s.url for s in self.specs if s.role == "web"), None)
 
+    @property
+    def openai_url(self) -> str | None:
+        """The OpenAI-compatible API's base URL (``.../v1``)."""
+        return next((s.url + "/v1" for s in self.specs if s.role == "openai"), None)
+
     def info(self) -> dict[str, Any]:
         """URLs, PIDs and logs of the children (also written to ``<log-dir>/stack.json``)."""
         return {
             "launcher_pid": os.getpid(),
             "controller_url": self.controller_url,
             "web_url": self.web_url,
+            "openai_url": self.openai_url,
             "worker_urls": [s.url for s in self.specs if s.role == "worker"],
             "children": [
                 {"name": c.name, "role": c.spec.role, "url": c.spec.url, "pid": c.proc.pid if c.proc else None,
@@ -340,10 +356,15 @@ class Stack:
                     extra = f"  model {child.spec.model_path or 'embedded tiny checkpoint (random weights)'}"
                 if child.spec.gpu is not None:
                     extra += f", CUDA_VISIBLE_DEVICES={child.spec.gpu}"
-            label = {"controller": "controller", "worker": child.name, "web": "web UI"}[child.spec.role]
-            lines.append(f"  {label:<12} {child.spec.url}  (pid {child.proc.pid if child.proc else '?'}){extra}")
+            label = {"controller": "controller", "worker": child.name, "web": "web UI",
+                     "openai": "OpenAI API"}[child.spec.role]
+            url = child.spec.url + ("/v1" if child.spec.role == "openai" else "")
+            lines.append(f"  {label:<12} {url}  (pid {child.proc.pid if child.proc else '?'}){extra}")
         if self.web_url:
             lines.append(f"Open {self.web_url} in a browser.")
+        if self.openai_url:
+            lines.append(f"OpenAI-compatible API: base_url={self.openai_url} (e.g. the openai package's "
+                         "OpenAI(base_url=..., api_key=...)).")
         lines.append(f"Logs: {self.config.log_dir}/. Press Ctrl-C to stop.")
         return "\n".join(lines)
 
@@ -420,6 +441,12 @@ def build_parser() -> argparse.ArgumentParser:
     web.add_argument("--share", action="store_true", help="public Gradio share link (off by default)")
     web.add_argument("--concurrency-count", type=int, default=None)
     web.add_argument("--web-arg", action="append", default=[], metavar="ARG", help="any other web UI flag")
+    api = p.add_argument_group("OpenAI-compatible API")
+    api.add_argument("--openai-port", type=int, default=DEFAULT_OPENAI_PORT,
+                     help="port of the OpenAI-compatible API (default %(default)s); 0: a free port")
+    api.add_argument("--no-openai", action="store_true", help="do not start the OpenAI-compatible API")
+    api.add_argument("--openai-arg", action="append", default=[], metavar="ARG",
+                     help="any other flag of the API, e.g. --openai-arg=--api-keys --openai-arg=secret")
     p.add_argument("--log-dir", default=DEFAULT_LOG_DIR,
                    help="children's logs, stack.json, and the web UI's chat logs in web/ (default %(default)s)")
     p.add_argument("--startup-timeout", type=float, default=900.0,
@@ -470,6 +497,7 @@ def config_from_args(args: argparse.Namespace) -> LaunchConfig:
         model_paths=list(args.model_path or [None]), workers_per_model=args.workers_per_model, gpus=gpus,
         engine=args.engine, worker_args=worker_args, web=not args.no_web, web_args=web_args,
         log_dir=Path(args.log_dir), startup_timeout=args.startup_timeout, stop_timeout=args.stop_timeout,
+        openai=not args.no_openai, openai_port=args.openai_port, openai_args=args.openai_arg,
     )
 
 
@@ -492,8 +520,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         try:
+            others = [name for name, on in (("the web UI", config.web), ("the OpenAI API", config.openai)) if on]
             logger.info("starting %d worker(s)%s; logs in %s", config.num_workers,
-                        " and the web UI" if config.web else "", config.log_dir)
+                        "".join(f" and {name}" for name in others), config.log_dir)
             stack.start()
         except LaunchError as exc:
             if stack.signal_received is not None:

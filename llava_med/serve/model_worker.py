@@ -371,10 +371,10 @@ class ModelWorker:
 # ---------------------------------------------------------------------------------------------------------------- app
 
 
-def create_app(worker: ModelWorker) -> FastAPI:
+def create_app(worker: ModelWorker, *, enable_docs: bool = False) -> FastAPI:
     """The worker's FastAPI app; its lifespan loads the model in the background and runs the heartbeat."""
 
-    app = _http.service_app("LLaVA-Med model worker", worker, "worker")
+    app = _http.service_app("LLaVA-Med model worker", worker, "worker", enable_docs=enable_docs)
 
     async def parse(request: Request) -> GenerateRequest:
         return parse_generate_request(await _http.read_body(request, worker.max_request_bytes))
@@ -484,6 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heart-beat-interval", type=float, default=None,
                    help="seconds between heartbeats (default: env LLAVA_MED_WORKER_HEART_BEAT_INTERVAL or 15)")
     p.add_argument("--speed", type=float, default=1.0, help="relative speed reported to the controller")
+    p.add_argument("--enable-docs", action="store_true", help="serve /docs and /openapi.json")
     p.add_argument("--log-level", type=str, default="info",
                    choices=["critical", "error", "warning", "info", "debug"])
     add_engine_args(p)
@@ -545,7 +546,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             server.should_exit = True
 
     worker = worker_from_args(args, engine, stop_on_load_failure)
-    server = _http.build_server(create_app(worker), args.host, args.port, args.log_level)
+    server = _http.build_server(create_app(worker, enable_docs=args.enable_docs), args.host, args.port,
+                                args.log_level)
     holder["server"] = server
     server.run()
     if worker.load_error is not None:

@@ -21,9 +21,9 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError, field_validator, model_validator
 
 from llava_med.constants import SERVER_ERROR_MSG, ErrorCode
 from llava_med.errors import BadRequestError
@@ -198,6 +198,7 @@ class GenerateRequest(WireModel):
     @field_validator("stop")
     @classmethod
     def _bounded_stop(cls, value: str | list[str] | None) -> str | list[str] | None:
+        """At most MAX_STOP_STRINGS stop strings of MAX_STOP_CHARS characters (shared with the /v1 API)."""
         stops = [value] if isinstance(value, str) else (value or [])
         if len(stops) > MAX_STOP_STRINGS:
             raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}")
@@ -254,6 +255,197 @@ class ErrorResponse(WireModel):
     error_code: int
     message: str
     text: str = ""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# OpenAI-compatible API (``/v1``, served by llava_med.serve.openai_api): the subset LLaVA-Med serves. Unknown request
+# fields are ignored, as OpenAI clients expect.
+
+
+class OpenAIImageURL(WireModel):
+    url: StrictStr = Field(min_length=1)
+    detail: str | None = None
+
+
+class OpenAIContentPart(WireModel):
+    """A part of a message's content: ``{"type": "text", "text"}`` or ``{"type": "image_url", "image_url"}``."""
+
+    type: Literal["text", "image_url"]
+    text: StrictStr | None = None
+    image_url: OpenAIImageURL | StrictStr | None = None
+
+    @model_validator(mode="after")
+    def _has_its_payload(self) -> OpenAIContentPart:
+        if self.type == "text" and self.text is None:
+            raise ValueError("a text part needs 'text'")
+        if self.type == "image_url" and self.image_url is None:
+            raise ValueError("an image_url part needs 'image_url': {'url': ...}")
+        return self
+
+    @property
+    def url(self) -> str | None:
+        return self.image_url.url if isinstance(self.image_url, OpenAIImageURL) else self.image_url
+
+
+class OpenAIChatMessage(WireModel):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: StrictStr | list[OpenAIContentPart] | None = None
+
+
+class OpenAIStreamOptions(WireModel):
+    include_usage: bool = False
+
+
+class _OpenAIRequest(WireModel):
+    model: StrictStr = Field(min_length=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=MAX_TEMPERATURE, allow_inf_nan=False)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0, allow_inf_nan=False)
+    n: int = 1
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS_LIMIT)
+    stop: StrictStr | list[StrictStr] | None = None
+    stream: bool = False
+    stream_options: OpenAIStreamOptions | None = None
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, value: int) -> int:
+        if value != 1:
+            raise ValueError(f"only n=1 is supported (one answer per request), got {value}")
+        return value
+
+    @field_validator("stop")
+    @classmethod
+    def _bounded_stop(cls, value: str | list[str] | None) -> str | list[str] | None:
+        return GenerateRequest._bounded_stop(value)
+
+    @property
+    def stop_strings(self) -> tuple[str, ...]:
+        return normalize_stop(self.stop)
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class ChatCompletionRequest(_OpenAIRequest):
+    """``POST /v1/chat/completions``."""
+
+    messages: list[OpenAIChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_NEW_TOKENS_LIMIT)
+
+    @property
+    def max_new_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class CompletionRequest(_OpenAIRequest):
+    """``POST /v1/completions``: a raw (already templated) prompt with one ``<image>`` per image; ``images`` (an
+    extension) holds the images as base64 strings or data URLs. ``max_tokens`` defaults to 16, as OpenAI's."""
+
+    prompt: StrictStr | list[StrictStr]
+    images: list[StrictStr] | None = None
+    echo: bool = False
+
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list) and len(value) != 1:
+            raise ValueError(f"exactly one prompt per request is supported, got {len(value)}")
+        return value
+
+    @property
+    def text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+
+class OpenAIUsage(WireModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class OpenAIAssistantMessage(WireModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatCompletionChoice(WireModel):
+    index: int = 0
+    message: OpenAIAssistantMessage
+    finish_reason: str | None = None
+
+
+class ChatCompletionResponse(WireModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatCompletionChoice]
+    usage: OpenAIUsage
+
+
+class OpenAIDelta(WireModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatCompletionChunkChoice(WireModel):
+    index: int = 0
+    delta: OpenAIDelta
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(WireModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatCompletionChunkChoice]
+    usage: OpenAIUsage | None = None
+
+
+class CompletionChoice(WireModel):
+    index: int = 0
+    text: str
+    finish_reason: str | None = None
+    logprobs: None = None
+
+
+class CompletionResponse(WireModel):
+    """A ``text_completion``, or one chunk of a streamed one (``usage`` on the last)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: OpenAIUsage | None = None
+
+
+class OpenAIModelCard(WireModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "llava-med"
+
+
+class OpenAIModelList(WireModel):
+    object: Literal["list"] = "list"
+    data: list[OpenAIModelCard]
+
+
+class OpenAIErrorBody(WireModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class OpenAIErrorResponse(WireModel):
+    """``{"error": {"message", "type", "param", "code"}}``, OpenAI's error shape."""
+
+    error: OpenAIErrorBody
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -399,19 +591,33 @@ def _loc_name(loc: tuple[Any, ...]) -> str:
     for item in loc:
         if isinstance(item, int):
             parts.append(f"[{item}]")
-        elif isinstance(item, str) and ("[" in item or item in {"str", "int", "float", "bool", "none"}):
+        elif _is_union_member(item):
             continue
         else:
             parts.append(("." if parts else "") + str(item))
     return "".join(parts) or "body"
 
 
+def _is_union_member(item: Any) -> bool:
+    return isinstance(item, str) and ("[" in item or item in {"str", "int", "float", "bool", "none"})
+
+
 def validation_error_message(exc: ValidationError) -> str:
-    """One line naming each bad field, e.g. ``max_new_tokens: must be >= 1, got -5``."""
+    """One line naming each bad field, e.g. ``max_new_tokens: must be >= 1, got -5``.
+
+    A union (``content``: a string or a list of parts) reports one error per member; a type mismatch with one member
+    is left out when another member got further (``messages[0].content[0].type``), so the message names the cause.
+    """
+    errors = [(err, _loc_name(tuple(err.get("loc", ())))) for err in exc.errors(include_url=False)]
+    names = [name for _, name in errors]
+
+    def noise(err: dict[str, Any], name: str) -> bool:
+        mismatch = str(err.get("type", "")).endswith("_type") and any(map(_is_union_member, err.get("loc", ())))
+        return mismatch and any(other != name and other.startswith(name) for other in names)
+
     seen: dict[str, str] = {}
-    for err in exc.errors(include_url=False):
-        name = _loc_name(tuple(err.get("loc", ())))
-        if name in seen:  # a union reports one error per member; the first is enough
+    for err, name in errors:
+        if name in seen or noise(err, name):  # a union reports one error per member; the first is enough
             continue
         kind = err.get("type", "")
         ctx = err.get("ctx") or {}
@@ -422,10 +628,12 @@ def validation_error_message(exc: ValidationError) -> str:
             text = _TYPE_WORDS[kind]
         elif kind == "string_too_short":
             text = "must not be empty"
+        elif kind == "value_error":  # our own validators: their message names the value
+            text = str(ctx.get("error") or err.get("msg", "is invalid"))
         else:
             text = str(err.get("msg", "is invalid"))
             text = text[:1].lower() + text[1:]
-        if kind != "missing" and "input" in err:
+        if kind not in ("missing", "value_error") and "input" in err:
             text += f", got {_short_repr(err['input'])}"
         seen[name] = f"{name}: {text}"
     return "; ".join(seen.values()) or str(exc)

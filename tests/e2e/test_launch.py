@@ -34,11 +34,14 @@ def config(*argv: str) -> LaunchConfig:
 
 def test_defaults_are_the_original_ports_and_the_tiny_model(tmp_path):
     cfg = config("--log-dir", str(tmp_path))
-    assert (cfg.controller_port, cfg.worker_port, cfg.web_port) == (21001, 21002, 7860)
-    assert cfg.model_paths == [None] and cfg.engine == "hf" and cfg.web and cfg.host == "127.0.0.1"
-    if all(_port_is_free(p) for p in (21001, 21002, 7860)):
+    assert (cfg.controller_port, cfg.worker_port, cfg.web_port, cfg.openai_port) == (21001, 21002, 7860, 8000)
+    assert cfg.model_paths == [None] and cfg.engine == "hf" and cfg.web and cfg.openai and cfg.host == "127.0.0.1"
+    if all(_port_is_free(p) for p in (21001, 21002, 7860, 8000)):
         specs = plan(cfg)
-        assert [(s.role, s.port) for s in specs] == [("controller", 21001), ("worker", 21002), ("web", 7860)]
+        assert [(s.role, s.port) for s in specs] == [("controller", 21001), ("worker", 21002), ("web", 7860),
+                                                     ("openai", 8000)]
+        api = specs[3]
+        assert api.argv[api.argv.index("--controller-url") + 1] == "http://127.0.0.1:21001"
         worker = specs[1]
         assert "--model-path" not in worker.argv  # the worker's default: the embedded tiny checkpoint
         assert worker.argv[worker.argv.index("--controller-address") + 1] == "http://127.0.0.1:21001"
@@ -59,7 +62,7 @@ def _port_is_free(port: int) -> bool:
 def test_models_workers_gpus_and_loader_flags(tmp_path):
     cfg = config("--model-path", "/ckpt/a", "--model-path", "org/b", "--workers-per-model", "2", "--gpus", "0,1,2",
                  "--load-4bit", "--dtype", "bfloat16", "--device", "cuda", "--conv-mode", "llava_v1",
-                 "--controller-port", "0", "--worker-port", "0", "--web-port", "0", "--no-web",
+                 "--controller-port", "0", "--worker-port", "0", "--web-port", "0", "--no-web", "--no-openai",
                  "--worker-arg=--max-queue", "--worker-arg=8", "--log-dir", str(tmp_path))
     specs = plan(cfg)
     workers = [s for s in specs if s.role == "worker"]
@@ -82,7 +85,7 @@ def test_every_worker_flag_is_passed_on_from_its_one_definition(tmp_path):
 
     cfg = config("--engine", "fake", "--fake-token-delay", "0.5", "--max-batch-size", "4", "--num-gpus", "2",
                  "--vision-tower", "/clip", "--local-files-only", "--stream-min-interval", "0",
-                 "--controller-port", "0", "--worker-port", "0", "--no-web", "--log-dir", str(tmp_path))
+                 "--controller-port", "0", "--worker-port", "0", "--no-web", "--no-openai", "--log-dir", str(tmp_path))
     (worker,) = [s for s in plan(cfg) if s.role == "worker"]
     flags = worker.argv[worker.argv.index("llava_med.serve.model_worker") + 1:]
     args = worker_parse_args(flags)  # the worker understands every flag it is given
@@ -106,7 +109,7 @@ def test_consecutive_worker_ports_and_port_conflicts(tmp_path):
         with pytest.raises(LaunchError, match=rf"port {taken} .*already in use.*--controller-port 0"):
             plan(config("--controller-port", str(taken), "--log-dir", str(tmp_path)))
     base = _free_run(3)
-    specs = plan(config("--controller-port", "0", "--web-port", "0", "--worker-port", str(base),
+    specs = plan(config("--controller-port", "0", "--web-port", "0", "--openai-port", "0", "--worker-port", str(base),
                         "--workers-per-model", "3", "--log-dir", str(tmp_path)))
     assert [s.port for s in specs if s.role == "worker"] == [base, base + 1, base + 2]
 
@@ -146,11 +149,15 @@ def test_sigterm_stops_every_child(tmp_path):
     stack = start_launcher(tmp_path / "logs", "--engine", "fake", timeout=90)
     try:
         pids = stack.child_pids()
-        assert len(pids) == 3 and all(not pid_gone(p) for p in pids)
+        assert len(pids) == 4 and all(not pid_gone(p) for p in pids)
         out = stack.output()
-        for url in (stack.controller_url, stack.web_url, *stack.worker_urls):
+        api = stack.info["openai_url"]
+        assert api.endswith("/v1") and f"base_url={api}" in out  # the summary prints the API's URL
+        for url in (stack.controller_url, stack.web_url, api.removesuffix("/v1"), *stack.worker_urls):
             assert url in out  # the summary prints every URL
             assert requests.get(url + "/health", timeout=5).status_code == 200
+        models = requests.get(api + "/models", timeout=5).json()
+        assert [m["id"] for m in models["data"]] == ["llava-med-fake"]
         assert stack.models() == ["llava-med-fake"]
         assert stack.terminate(timeout=40) == 0
         wait_until(lambda: all(pid_gone(p) for p in pids), 10, message="every child gone")
@@ -192,5 +199,5 @@ def test_a_worker_that_cannot_start_is_reported(tmp_path):
     assert str(missing) in proc.stderr  # the worker's own error message, from its log tail
     assert not (log_dir / "stack.json").exists()
     pids = [int(pid) for pid in re.findall(r"started [\w-]+ \(pid (\d+)\)", proc.stderr)]
-    assert len(pids) == 2  # controller and worker
+    assert len(pids) == 3  # controller, worker and the OpenAI API (started with the worker)
     wait_until(lambda: all(pid_gone(p) for p in pids), 10, message="the controller stopped too")
