@@ -34,6 +34,7 @@ setup(
         "uvicorn>=0.29",
         "httpx>=0.27",
         "requests>=2.31",
+        "prometheus-client>=0.20",
     ],
     extras_require={
         "quant": ["bitsandbytes>=0.45"],

@@ -76,6 +76,7 @@ class ErrorCode(IntEnum):
     CONTROLLER_NO_WORKER = 50005
     CONTROLLER_WORKER_TIMEOUT = 50006
     WORKER_UNREACHABLE = 50007
+    RELAY_LOOP = 50008
 
 
 #: The HTTP status every server answers for an error code (where a status is sent at all: the original stream
@@ -95,6 +96,7 @@ HTTP_STATUS: Mapping[ErrorCode, int] = MappingProxyType({
     ErrorCode.CONTROLLER_NO_WORKER: 503,
     ErrorCode.CONTROLLER_WORKER_TIMEOUT: 504,
     ErrorCode.WORKER_UNREACHABLE: 503,
+    ErrorCode.RELAY_LOOP: 508,
 })
 
 

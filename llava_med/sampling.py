@@ -33,6 +33,7 @@ __all__ = [
     "MAX_STOP_CHARS",
     "MAX_STOP_STRINGS",
     "MAX_TEMPERATURE",
+    "MIN_TOP_P",
     "WIRE_DEFAULTS",
     "GenerationOutput",
     "SamplingParams",
@@ -41,6 +42,9 @@ __all__ = [
 
 #: At or below this temperature decoding is greedy (as the original worker).
 GREEDY_TEMPERATURE = 1e-3
+#: Smaller top-p values count as this one (it keeps only the most likely token); a top-p below float32's range
+#: would otherwise drop every token.
+MIN_TOP_P = 1e-6
 #: Highest temperature a request may ask for; higher values only produce noise.
 MAX_TEMPERATURE = 5.0
 #: Absurd ``max_new_tokens`` values are refused; sane ones above a worker's cap are capped like the original.
@@ -93,6 +97,8 @@ class SamplingParams:
             raise BadRequestError(f"top_p must be a number, got {self.top_p!r}")
         if not math.isfinite(self.top_p) or not 0 < self.top_p <= 1:
             raise _out_of_range(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_p < MIN_TOP_P:
+            object.__setattr__(self, "top_p", MIN_TOP_P)
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
             raise BadRequestError(f"max_new_tokens must be an integer, got {self.max_new_tokens!r}")
         if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS_LIMIT:

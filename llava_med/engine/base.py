@@ -88,6 +88,13 @@ class Engine(abc.ABC):
         """Stream the generation of one request (see the module docstring for the contract)."""
 
     @property
+    def max_prompt_chars(self) -> int:
+        """Longest prompt (in characters) that can fit in the context: longer ones are refused before any work.
+        Engines with a tokenizer derive it from their vocabulary; this default assumes at most 64 characters per
+        token."""
+        return self.context_length * 64
+
+    @property
     def max_concurrency(self) -> int | None:
         """Requests the engine can hold at once (running and queued); the worker admits this many by default.
         None: the engine does not say (the worker then admits 5 at a time, like the original)."""
@@ -100,6 +107,10 @@ class Engine(abc.ABC):
         None when the engine does not know it (clients then use their default, ``mistral_instruct``).
         """
         return None
+
+    def metrics(self) -> dict[str, float]:
+        """The engine's own figures for ``/metrics`` (running batch size, cache hits, ...); counters only grow."""
+        return {}
 
     def count_tokens(self, prompt: str) -> int:
         """Number of prompt tokens (used by ``/count_token``); engines without a tokenizer may not override it."""

@@ -140,6 +140,10 @@ class FakeEngine(Engine):
     def queue_length(self) -> int:
         return self._running
 
+    def metrics(self) -> dict[str, float]:
+        return {"running_requests": self._running, "finished_requests": self.finished,
+                "cancelled_requests": self.cancelled, "failed_requests": self.failed}
+
     def count_tokens(self, prompt: str) -> int:
         return self._count_prompt_tokens(prompt)
 

@@ -272,6 +272,21 @@ class HFEngine(Engine):
         with self._lock:
             return self._preparing + len(self._waiting) + len(self._running)
 
+    def metrics(self) -> dict[str, float]:
+        with self._lock:
+            running, waiting = len(self._running), len(self._waiting) + self._preparing
+        s = self.stats
+        return {"running_requests": running, "waiting_requests": waiting, "decode_steps": s.steps,
+                "prefilled_requests": s.prefills, "vision_images_encoded": s.vision_images_encoded,
+                "vision_cache_hits": s.vision_cache_hits, "finished_requests": s.finished,
+                "cancelled_requests": s.cancelled, "failed_requests": s.failed}
+
+    @property
+    def max_prompt_chars(self) -> int:
+        from llava_med.model.generation import max_prompt_chars
+
+        return max_prompt_chars(self.loaded) if self.loaded is not None else super().max_prompt_chars
+
     def count_tokens(self, prompt: str) -> int:
         from llava_med.model.generation import sequence_length
         from llava_med.model.prompting import tokenizer_image_token

@@ -27,7 +27,7 @@ class ImageLimits:
     """
 
     max_bytes: int = 32 * 1024 * 1024
-    max_pixels: int = 50_000_000
+    max_pixels: int = 25_000_000
     max_side: int = 20_000
 
     def __post_init__(self) -> None:

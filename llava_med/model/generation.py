@@ -112,6 +112,25 @@ class PreparedPrompt:
         return 0 if self.pixel_values is None else int(self.pixel_values.shape[0])
 
 
+def max_prompt_chars(loaded: LoadedModel) -> int:
+    """Longest prompt, in characters, that can fit in the context: no token of the vocabulary is longer than its
+    longest piece, so a longer prompt has more tokens than the context holds (computed once per model)."""
+    limit = loaded.extra.get("max_prompt_chars")
+    if limit is None:
+        longest = max((len(piece) for piece in loaded.tokenizer.get_vocab()), default=16)
+        limit = loaded.extra["max_prompt_chars"] = loaded.context_len * max(longest, 1)
+    return limit
+
+
+def check_prompt_chars(prompt: str, limit: int, context: int) -> None:
+    """Refuse a prompt longer than ``limit`` characters before tokenising it (a 30 MB prompt costs nothing)."""
+    if len(prompt) > limit:
+        raise ContextOverflowError(
+            f"the prompt has {len(prompt)} characters, more than can fit in the model's context of {context} tokens "
+            f"(at most {limit} characters); shorten the conversation or start a new one"
+        )
+
+
 def sequence_length(loaded: LoadedModel, input_ids: Sequence[int]) -> int:
     """Positions a tokenised prompt takes in the model: each image placeholder becomes its image's tokens."""
     return len(input_ids) + input_ids.count(IMAGE_TOKEN_INDEX) * (loaded.model.num_image_tokens - 1)
@@ -134,6 +153,7 @@ def prepare_prompt(
     """
     if not isinstance(prompt, str) or not prompt:
         raise BadRequestError("prompt must be a non-empty string")
+    check_prompt_chars(prompt, max_prompt_chars(loaded), loaded.context_len)
     images = list(images or ())
     check_image_count(prompt, len(images))
     input_ids = tokenizer_image_token(prompt, loaded.tokenizer)

@@ -13,26 +13,23 @@ import argparse
 import asyncio
 import logging
 import random
-import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import httpx
 from fastapi import FastAPI, Request
+from fastapi.responses import Response
 
-from llava_med.constants import (
-    DEFAULT_CONTROLLER_PORT,
-    DEFAULT_HOST,
-    ErrorCode,
-    controller_heart_beat_expiration,
-    worker_api_timeout,
-)
+from llava_med.constants import DEFAULT_CONTROLLER_PORT, DEFAULT_HOST, ErrorCode, worker_api_timeout
 from llava_med.errors import LlavaMedError
 from llava_med.serve import _http
+from llava_med.serve.addresses import canonical_url, is_loopback
+from llava_med.serve.metrics import CONTENT_TYPE, ControllerMetrics, error_label
 from llava_med.serve.protocol import (
     CHUNK_DELIMITER,
+    MAX_WORKER_SPEED,
     FrameSplitter,
     GetWorkerAddressRequest,
     GetWorkerAddressResponse,
@@ -43,48 +40,41 @@ from llava_med.serve.protocol import (
     RefreshAllWorkersResponse,
     RegisterWorkerRequest,
     RegisterWorkerResponse,
+    WorkerEntry,
+    WorkerListResponse,
     WorkerStatus,
     encode_chunk,
     error_chunk,
     parse_json_body,
+    parse_model,
+    shown,
 )
+from llava_med.serve.registry import DISPATCH_METHODS, DispatchMethod, WorkerInfo, WorkerRegistry
 
 __all__ = ["Controller", "DispatchMethod", "WorkerInfo", "create_app", "main", "parse_args"]
 
 logger = logging.getLogger(__name__)
 
-DISPATCH_METHODS = ("shortest_queue", "lottery")
 #: Seconds to wait when asking a worker for its status (the original used 5).
 STATUS_TIMEOUT = 5.0
 CONNECT_TIMEOUT = 5.0
+#: Header naming the controllers a relayed request went through (instance ids): a loop, or more than
+#: MAX_RELAY_HOPS nested controllers, is refused instead of relayed again.
+RELAY_HEADER = "X-LLaVA-Med-Relay"
+MAX_RELAY_HOPS = 8
 
 
-class DispatchMethod:
-    SHORTEST_QUEUE = "shortest_queue"
-    LOTTERY = "lottery"
-
-
-@dataclass
-class WorkerInfo:
-    model_names: list[str]
-    speed: float
-    queue_length: int
-    check_heart_beat: bool
-    last_heart_beat: float
-
-
-class Controller:
-    """Worker registry and dispatch. Registry methods are synchronous and guarded by a lock (never held across
-    an ``await``); methods that talk to workers are ``async``.
+class Controller(WorkerRegistry):
+    """The registry (:class:`~llava_med.serve.registry.WorkerRegistry`) plus everything that talks to workers:
+    verified registration, polling of workers without heartbeats, the aggregated status and the stream relay.
 
     Args:
-        dispatch_method: ``shortest_queue`` (default) or ``lottery``.
-        heart_beat_expiration: seconds after which a silent worker is dropped (default: constants / env).
-        clock: monotonic clock, injectable for tests.
-        rng: random source for ``lottery``, injectable for tests.
-        auth_token: shared secret required on ``/register_worker`` and ``/receive_heart_beat`` (None: open).
+        dispatch_method, heart_beat_expiration, clock, rng: see :class:`WorkerRegistry`.
+        auth_token: shared secret required on every state-changing route (None: those routes accept loopback
+            clients only).
         transport: httpx transport for talking to workers (tests inject a MockTransport).
         api_timeout: seconds to wait for a worker's next bytes while relaying (default: constants / env).
+        max_request_bytes: largest relayed request body.
     """
 
     def __init__(
@@ -97,23 +87,19 @@ class Controller:
         auth_token: str | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         api_timeout: float | None = None,
+        max_request_bytes: int = _http.DEFAULT_MAX_REQUEST_BYTES,
     ) -> None:
-        if dispatch_method not in DISPATCH_METHODS:
-            raise ValueError(f"dispatch_method must be one of {DISPATCH_METHODS}, got {dispatch_method!r}")
-        expiration = controller_heart_beat_expiration() if heart_beat_expiration is None else heart_beat_expiration
-        if expiration <= 0:
-            raise ValueError(f"heart_beat_expiration must be > 0 seconds, got {expiration}")
-        self.dispatch_method = dispatch_method
-        self.heart_beat_expiration = float(expiration)
-        self.clock = clock
-        self.rng = rng if rng is not None else random.Random()
+        super().__init__(dispatch_method, heart_beat_expiration=heart_beat_expiration, clock=clock, rng=rng)
         self.auth_token = auth_token or None
         self.api_timeout = worker_api_timeout() if api_timeout is None else api_timeout
+        self.max_request_bytes = max_request_bytes
         self._transport = transport
-        self._lock = threading.Lock()
-        self._workers: dict[str, WorkerInfo] = {}
         self._client: httpx.AsyncClient | None = None
         self._expiry_task: asyncio.Task[None] | None = None
+        #: Reported in this controller's own status: registering the controller with itself (under any address)
+        #: is refused, and a relay that comes back through it is stopped.
+        self.instance_id = uuid.uuid4().hex
+        self.metrics = ControllerMetrics(self._metrics_view)
 
     # ------------------------------------------------------------------------------------------------ lifecycle
     @property
@@ -145,67 +131,69 @@ class Controller:
             await asyncio.sleep(period)
             try:
                 self.remove_expired_workers()
+                await self.poll_unmonitored()
             except Exception:  # noqa: BLE001 - the loop must survive
                 logger.exception("expiry check failed")
 
-    # ------------------------------------------------------------------------------------------------ registry
-    def add_worker(self, worker_name: str, check_heart_beat: bool, status: WorkerStatus) -> None:
-        with self._lock:
-            known = worker_name in self._workers
-            self._workers[worker_name] = WorkerInfo(
-                list(status.model_names), float(status.speed), int(status.queue_length), check_heart_beat,
-                self.clock(),
-            )
-        logger.info("%s worker %s: %s", "re-registered" if known else "registered", worker_name,
-                    status.model_dump())
-
-    async def register_worker(
-        self, worker_name: str, check_heart_beat: bool, worker_status: WorkerStatus | dict[str, Any] | None
-    ) -> WorkerStatus:
-        """Register a worker; with no status, ask the worker. Raises LlavaMedError(WORKER_UNREACHABLE)."""
-        worker_name = worker_name.rstrip("/")
-        if worker_status is None:
-            status = await self.get_worker_status(worker_name)
+    async def poll_unmonitored(self) -> list[str]:
+        """Ask the workers registered without heartbeats for their status; drop those that stop answering.
+        Returns the dropped names."""
+        due = self.unmonitored_due()
+        statuses = await asyncio.gather(*(self.get_worker_status(name) for name in due))
+        dropped = []
+        for name, status in zip(due, statuses):
             if status is None:
-                raise LlavaMedError(
-                    f"cannot register {worker_name}: it did not answer POST {worker_name}/worker_get_status "
-                    f"(is it running, and is the address reachable from the controller?)",
-                    code=ErrorCode.WORKER_UNREACHABLE,
-                )
-        elif isinstance(worker_status, WorkerStatus):
-            status = worker_status
-        else:
-            status = WorkerStatus.model_validate(worker_status)
+                if self.remove_worker(name):
+                    dropped.append(name)
+                    logger.warning("worker %s (registered without heartbeats) stopped answering: removed", name)
+            else:
+                self.touch(name, status)
+        return dropped
+
+    # ------------------------------------------------------------------------------------------------ registration
+    async def register_worker(self, worker_name: str, check_heart_beat: bool, worker_status: Any = None
+                              ) -> WorkerStatus:
+        """Register a worker after asking it for its status itself (a status sent with the registration is
+        ignored: never trusted). Refuses (LlavaMedError) a worker that does not answer, answers nonsense, or is this
+        very controller. Returns the verified status."""
+        worker_name = canonical_url(worker_name)
+        status, problem = await self._ask_status(worker_name)
+        if status is None:
+            self.metrics.registrations.labels("refused").inc()
+            raise LlavaMedError(
+                f"cannot register {worker_name}: {problem} (is it running, and is the address reachable from the "
+                "controller?)", code=ErrorCode.WORKER_UNREACHABLE,
+            )
+        if status.instance_id == self.instance_id:
+            self.metrics.registrations.labels("refused").inc()
+            raise LlavaMedError(f"cannot register {worker_name}: that address is this controller itself",
+                                code=ErrorCode.BAD_REQUEST)
         self.add_worker(worker_name, check_heart_beat, status)
+        self.metrics.registrations.labels("accepted").inc()
         return status
+
+    async def _ask_status(self, worker_name: str) -> tuple[WorkerStatus | None, str]:
+        try:
+            resp = await self.http.post(worker_name + "/worker_get_status", timeout=STATUS_TIMEOUT)
+        except httpx.HTTPError as exc:
+            return None, f"it did not answer POST {worker_name}/worker_get_status ({type(exc).__name__})"
+        if resp.status_code != 200:
+            return None, f"POST {worker_name}/worker_get_status answered HTTP {resp.status_code}"
+        try:
+            return parse_model(WorkerStatus, resp.content), ""
+        except LlavaMedError as exc:
+            return None, f"its status is not acceptable: {exc}"
 
     async def get_worker_status(self, worker_name: str) -> WorkerStatus | None:
         """Ask a worker for its status; None (logged) when it cannot be reached or answers nonsense."""
-        try:
-            resp = await self.http.post(worker_name + "/worker_get_status", timeout=STATUS_TIMEOUT)
-            resp.raise_for_status()
-            return WorkerStatus.model_validate(resp.json())
-        except (httpx.HTTPError, ValueError) as exc:
-            logger.warning("cannot get the status of %s: %s: %s", worker_name, type(exc).__name__, exc)
-            return None
-
-    def remove_worker(self, worker_name: str) -> bool:
-        with self._lock:
-            removed = self._workers.pop(worker_name, None) is not None
-        if removed:
-            logger.info("removed worker %s", worker_name)
-        return removed
-
-    def workers(self) -> dict[str, WorkerInfo]:
-        """A snapshot of the registry."""
-        with self._lock:
-            return {name: WorkerInfo(list(i.model_names), i.speed, i.queue_length, i.check_heart_beat,
-                                     i.last_heart_beat) for name, i in self._workers.items()}
+        status, problem = await self._ask_status(worker_name)
+        if status is None:
+            logger.warning("cannot get the status of %s: %s", worker_name, problem)
+        return status
 
     async def refresh_all_workers(self) -> list[str]:
         """Ask every worker for its status; update the live ones, drop the dead. Returns the removed names."""
-        snapshot = self.workers()
-        names = list(snapshot)
+        names = list(self.workers())
         statuses = await asyncio.gather(*(self.get_worker_status(n) for n in names))
         removed = []
         for name, status in zip(names, statuses):
@@ -214,60 +202,8 @@ class Controller:
                     removed.append(name)
                     logger.info("removed stale worker %s", name)
             else:
-                self.add_worker(name, snapshot[name].check_heart_beat, status)
+                self.touch(name, status)
         return removed
-
-    def list_models(self) -> list[str]:
-        with self._lock:
-            models = {m for info in self._workers.values() for m in info.model_names}
-        return sorted(models)
-
-    def get_worker_address(self, model_name: str) -> str:
-        """A worker serving ``model_name``, or ``""`` when none does."""
-        with self._lock:
-            candidates = sorted(
-                (name, info) for name, info in self._workers.items() if model_name in info.model_names
-            )
-            if not candidates:
-                return ""
-            if self.dispatch_method == DispatchMethod.LOTTERY:
-                weights = [max(info.speed, 0.0) for _, info in candidates]
-                if sum(weights) <= 1e-4:
-                    return ""
-                name = self.rng.choices([n for n, _ in candidates], weights=weights, k=1)[0]
-            else:
-                def load(item: tuple[str, WorkerInfo]) -> tuple[float, str]:
-                    name_, info = item
-                    return (info.queue_length / info.speed if info.speed > 0 else float("inf"), name_)
-
-                name, info = min(candidates, key=load)
-                info.queue_length += 1  # as the original: count the request until the next heartbeat
-        logger.debug("dispatch %s -> %s", model_name, name)
-        return name
-
-    def receive_heart_beat(self, worker_name: str, queue_length: int) -> bool:
-        worker_name = worker_name.rstrip("/")
-        with self._lock:
-            info = self._workers.get(worker_name)
-            if info is None:
-                exist = False
-            else:
-                info.queue_length = queue_length
-                info.last_heart_beat = self.clock()
-                exist = True
-        if not exist:
-            logger.info("heartbeat from unknown worker %s: asking it to register", worker_name)
-        return exist
-
-    def remove_expired_workers(self) -> list[str]:
-        deadline = self.clock() - self.heart_beat_expiration
-        with self._lock:
-            expired = [n for n, i in self._workers.items() if i.check_heart_beat and i.last_heart_beat < deadline]
-            for name in expired:
-                del self._workers[name]
-        for name in expired:
-            logger.warning("worker %s missed its heartbeats for %.1f s: removed", name, self.heart_beat_expiration)
-        return expired
 
     # ------------------------------------------------------------------------------------------------ as a worker
     async def worker_api_get_status(self) -> WorkerStatus:
@@ -282,10 +218,50 @@ class Controller:
                 model_names.update(status.model_names)
                 speed += status.speed
                 queue_length += status.queue_length
-        return WorkerStatus(model_names=sorted(model_names), speed=speed, queue_length=queue_length)
+        return WorkerStatus(model_names=sorted(model_names), speed=min(speed, MAX_WORKER_SPEED),
+                            queue_length=queue_length, instance_id=self.instance_id)
 
-    async def generate_stream(self, body: bytes) -> AsyncIterator[bytes]:
-        """Relay a worker's stream, or yield one error chunk. Closing this iterator closes the upstream stream."""
+    def _metrics_view(self) -> dict[str, tuple[str, Any]]:
+        workers = self.workers()
+        return {
+            "llava_med_controller_workers": ("Registered workers", len(workers)),
+            "llava_med_controller_models": ("Models served by at least one worker", len(self.list_models())),
+            "llava_med_controller_worker_queue_length": (
+                "Each worker's queue length as last reported", {n: i.queue_length for n, i in workers.items()}),
+            "llava_med_controller_worker_last_seen_seconds": (
+                "Seconds since each worker last proved alive",
+                {n: max(0.0, self.clock() - i.last_heart_beat) for n, i in workers.items()}),
+        }
+
+    async def generate_stream(self, body: bytes, via: Sequence[str] = ()) -> AsyncIterator[bytes]:
+        """Relay a worker's stream, or yield one error chunk (counted by code). Closing this iterator closes the
+        upstream stream. ``via``: the controllers the request already went through (the relay header)."""
+        self.metrics.relayed.inc()
+        relay = self._relay(body, via)
+        last = b""
+        try:
+            async for data in relay:
+                last = data
+                yield data
+        finally:
+            await _http.aclose_quietly(relay)
+        self._count_error(last)  # an error is always a stream's last chunk
+
+    def _count_error(self, frame: bytes) -> None:
+        try:
+            code = int(parse_json_body(frame.rstrip(CHUNK_DELIMITER)).get("error_code", 0))
+        except (LlavaMedError, TypeError, ValueError):
+            return
+        if code:
+            self.metrics.errors.labels(error_label(code)).inc()
+
+    async def _relay(self, body: bytes, via: Sequence[str]) -> AsyncIterator[bytes]:
+        if self.instance_id in via or len(via) >= MAX_RELAY_HOPS:
+            what = "came back to this controller" if self.instance_id in via else f"went through {len(via)} controllers"
+            logger.warning("relay refused: the request %s (a registration loop?)", what)
+            yield encode_chunk(error_chunk(ErrorCode.RELAY_LOOP, f"the request {what}: the controllers are "
+                                           "registered with each other in a loop; fix their registrations"))
+            return
         try:
             params = parse_json_body(body)
         except LlavaMedError as exc:
@@ -298,24 +274,26 @@ class Controller:
                 f"model: is required to generate through the controller; available models: {self.list_models()}",
             ))
             return
+        hops = ",".join([*via, self.instance_id])
 
         tried: list[str] = []
         while True:
             address = self.get_worker_address(model)
             if not address or address in tried:
                 if tried:
-                    message = (f"no reachable worker serves model {model!r} (tried {', '.join(tried)}); "
+                    message = (f"no reachable worker serves model {shown(model)} (tried {', '.join(tried)}); "
                                f"available models: {self.list_models()}")
                     code = ErrorCode.WORKER_UNREACHABLE
                 else:
-                    message = f"no worker serves model {model!r}; available models: {self.list_models()}"
+                    message = f"no worker serves model {shown(model)}; available models: {self.list_models()}"
                     code = ErrorCode.CONTROLLER_NO_WORKER
                 logger.info("relay: %s", message)
                 yield encode_chunk(error_chunk(code, message))
                 return
             tried.append(address)
+            self.metrics.dispatched.labels(model).inc()
             outcome = _RelayOutcome()
-            relay = self._relay_from(address, body, outcome)
+            relay = self._relay_from(address, body, outcome, hops)
             try:
                 async for data in relay:
                     yield data
@@ -325,11 +303,13 @@ class Controller:
                 continue  # the worker could not be reached at all: nothing was sent, try another one
             return
 
-    async def _relay_from(self, address: str, body: bytes, outcome: _RelayOutcome) -> AsyncIterator[bytes]:
+    async def _relay_from(self, address: str, body: bytes, outcome: _RelayOutcome, hops: str
+                          ) -> AsyncIterator[bytes]:
         url = address + "/worker_generate_stream"
         timeout = httpx.Timeout(self.api_timeout, connect=CONNECT_TIMEOUT)
         request = self.http.build_request(
-            "POST", url, content=body, headers={"content-type": "application/json"}, timeout=timeout
+            "POST", url, content=body, headers={"content-type": "application/json", RELAY_HEADER: hops},
+            timeout=timeout,
         )
         response: httpx.Response | None = None
         try:
@@ -401,24 +381,34 @@ def create_app(controller: Controller, *, enable_docs: bool = False) -> FastAPI:
 
     app = _http.service_app("LLaVA-Med controller", controller, "controller", enable_docs=enable_docs)
 
+    def allowed_to_change(request: Request) -> None:
+        """Every state-changing route: the shared secret when there is one, else a client on this machine."""
+        if controller.auth_token:
+            _http.check_bearer(request, controller.auth_token)
+        elif not is_loopback(request.client.host if request.client else None):
+            raise _http.AuthError(
+                f"{request.url.path} accepts only clients on the controller's own machine when it runs without "
+                "--auth-token; start the controller (and the workers) with --auth-token to accept other hosts")
+
     @app.post("/register_worker")
     async def register_worker(request: Request) -> Any:
-        _http.check_bearer(request, controller.auth_token)
+        allowed_to_change(request)
         data = await _http.read_model(request, RegisterWorkerRequest)
         try:
             status = await controller.register_worker(data.worker_name, data.check_heart_beat, data.worker_status)
-        except LlavaMedError as exc:  # the worker could not be asked for its status: refuse, as a client error
+        except LlavaMedError as exc:  # the worker could not be verified: refuse, as a client error
             return _http.error_json(exc.code, str(exc), status_code=400)
         return RegisterWorkerResponse(worker_name=data.worker_name, worker_status=status)
 
     @app.post("/receive_heart_beat")
     async def receive_heart_beat(request: Request) -> HeartBeatResponse:
-        _http.check_bearer(request, controller.auth_token)
+        allowed_to_change(request)
         data = await _http.read_model(request, HeartBeatRequest)
         return HeartBeatResponse(exist=controller.receive_heart_beat(data.worker_name, data.queue_length))
 
     @app.post("/refresh_all_workers")
-    async def refresh_all_workers() -> RefreshAllWorkersResponse:
+    async def refresh_all_workers(request: Request) -> RefreshAllWorkersResponse:
+        allowed_to_change(request)
         removed = await controller.refresh_all_workers()
         return RefreshAllWorkersResponse(
             models=controller.list_models(), workers=sorted(controller.workers()), removed=removed
@@ -436,10 +426,26 @@ def create_app(controller: Controller, *, enable_docs: bool = False) -> FastAPI:
     @app.post("/worker_generate_stream")
     async def worker_generate_stream(request: Request) -> _http.ClosingStreamingResponse:
         try:
-            body = await _http.read_body(request)
+            body = await _http.read_body(request, controller.max_request_bytes)
         except LlavaMedError as exc:  # too large: one error chunk, like every other relay failure
             return _http.stream_response(_http.single_chunk_stream(exc.code, str(exc)))
-        return _http.stream_response(controller.generate_stream(body))
+        via = [v for v in request.headers.get(RELAY_HEADER, "").split(",") if v][: MAX_RELAY_HOPS + 1]
+        return _http.stream_response(controller.generate_stream(body, via))
+
+    @app.api_route("/list_workers", methods=["GET", "POST"])
+    async def list_workers() -> WorkerListResponse:
+        aliases = controller.aliases()
+        now = controller.clock()
+        return WorkerListResponse(workers=[
+            WorkerEntry(address=name, model_names=info.model_names, speed=info.speed,
+                        queue_length=info.queue_length, check_heart_beat=info.check_heart_beat,
+                        seconds_since_seen=round(now - info.last_heart_beat, 3), instance_id=info.instance_id,
+                        aliases=sorted(a for a, e in aliases.items() if e == name))
+            for name, info in sorted(controller.workers().items())])
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(controller.metrics.render(), media_type=CONTENT_TYPE)
 
     @app.post("/worker_get_status")
     async def worker_get_status() -> WorkerStatus:
@@ -473,6 +479,8 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"shared secret workers must send to register (default: env {_http.AUTH_TOKEN_ENV}; none: open)",
     )
     parser.add_argument("--enable-docs", action="store_true", help="serve /docs and /openapi.json")
+    parser.add_argument("--max-request-bytes", type=int, default=_http.DEFAULT_MAX_REQUEST_BYTES,
+                        help="largest relayed request body, base64 images included (default %(default)s)")
     parser.add_argument("--log-level", type=str, default="info",
                         choices=["critical", "error", "warning", "info", "debug"])
     return parser
@@ -491,11 +499,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     safe = {k: ("***" if k == "auth_token" and v else v) for k, v in vars(args).items()}
     logger.info("args: %s", safe)
     controller = Controller(
-        args.dispatch_method, heart_beat_expiration=args.heart_beat_expiration, auth_token=args.auth_token
+        args.dispatch_method, heart_beat_expiration=args.heart_beat_expiration, auth_token=args.auth_token,
+        max_request_bytes=args.max_request_bytes,
     )
-    if controller.auth_token is None and args.host not in ("127.0.0.1", "localhost", "::1"):
-        logger.warning("listening on %s without --auth-token: anyone who can reach it may register workers",
-                       args.host)
+    if controller.auth_token is None:
+        logger.info("no --auth-token: workers may register (and heartbeat, and refresh the registry) only from this "
+                    "machine; give the controller and its workers --auth-token to accept workers on other hosts")
+        if not is_loopback(args.host):
+            logger.warning(
+                "listening on %s without --auth-token: any host that reaches this port can send prompts and images "
+                "to the models and read the model list; registration stays limited to this machine, but put the "
+                "controller behind a firewall or reverse proxy, or bind 127.0.0.1", args.host)
+    else:
+        logger.info("registration, heartbeats and refreshes need the shared secret (--auth-token)")
     server = _http.build_server(create_app(controller, enable_docs=args.enable_docs), args.host, args.port,
                                 args.log_level)
     server.run()

@@ -20,12 +20,14 @@ import argparse
 import asyncio
 import logging
 import sys
+import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import httpx
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from llava_med.constants import (
     DEFAULT_CONTROLLER_URL,
@@ -38,7 +40,7 @@ from llava_med.constants import (
 from llava_med.conversation import stop_str_for
 from llava_med.engine.base import Engine, EngineRequest, GenerationOutput
 from llava_med.engine.registry import add_engine_args, build_engine
-from llava_med.errors import LlavaMedError
+from llava_med.errors import ContextOverflowError, LlavaMedError
 from llava_med.model.args import add_model_args
 from llava_med.serve import _http
 from llava_med.serve.protocol import (
@@ -53,7 +55,9 @@ from llava_med.serve.protocol import (
     encode_chunk,
     error_chunk,
     parse_generate_request,
+    shown,
 )
+from llava_med.serve.metrics import CONTENT_TYPE, WorkerMetrics, error_label
 
 __all__ = ["ModelWorker", "build_parser", "create_app", "main", "parse_args", "worker_from_args"]
 
@@ -152,6 +156,9 @@ class ModelWorker:
         self._wake: asyncio.Event | None = None
         self._client: httpx.AsyncClient | None = None
         self._task: asyncio.Task[None] | None = None
+        #: Tells this worker's status apart from every other's (the controller collapses aliases of one worker).
+        self.instance_id = uuid.uuid4().hex
+        self.metrics = WorkerMetrics(self.queue_length, engine.metrics)
 
     # ------------------------------------------------------------------------------------------------ status
     @property
@@ -167,7 +174,8 @@ class ModelWorker:
         return self.running + self.waiting
 
     def get_status(self) -> WorkerStatus:
-        return WorkerStatus(model_names=self.model_names, speed=self.speed, queue_length=self.queue_length())
+        return WorkerStatus(model_names=self.model_names, speed=self.speed, queue_length=self.queue_length(),
+                            instance_id=self.instance_id)
 
     # ------------------------------------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -270,15 +278,50 @@ class ModelWorker:
             self._wake.set()
 
     # ------------------------------------------------------------------------------------------------ generation
+    def check_prompt(self, prompt: str) -> None:
+        """Refuse a prompt longer than the context can hold, by its characters, before anything is tokenised."""
+        limit = self.engine.max_prompt_chars
+        if len(prompt) > limit:
+            raise ContextOverflowError(
+                f"the prompt has {len(prompt)} characters, more than can fit in the context of "
+                f"{self.engine.context_length} tokens (at most {limit} characters); shorten it or start a new "
+                "conversation"
+            )
+
     def engine_request(self, request: GenerateRequest) -> EngineRequest:
-        """The wire request as the engine takes it: sampling settings validated, the served template's stop string
-        added when the request names none, ``max_new_tokens`` capped like the original worker."""
+        """The wire request as the engine takes it: the model name checked (when the request names one), the prompt
+        measured, sampling settings validated, the served template's stop string added when the request names none,
+        ``max_new_tokens`` capped like the original worker."""
+        if request.model is not None and request.model not in self.model_names:
+            raise LlavaMedError(f"this worker serves {self.model_names}, not the model {shown(request.model)}",
+                                code=ErrorCode.INVALID_MODEL)
+        self.check_prompt(request.prompt)
         params = request.sampling_params(stop_str_for(self.engine.conv_mode)).capped(self.max_new_tokens_cap)
         return EngineRequest(prompt=request.prompt, images=tuple(request.images or ()), params=params,
                              image_mode=request.image_process_mode)
 
     async def generate_chunks(self, request: GenerateRequest) -> AsyncIterator[StreamChunk]:
-        """The chunks of one request, errors included; waits for a slot; closing it cancels the generation."""
+        """The chunks of one request, errors included; waits for a slot; closing it cancels the generation.
+        Every request is counted in the metrics (errors by code, time to first text, latency, tokens)."""
+        started = time.monotonic()
+        first = True
+        self.metrics.requests.inc()
+        chunks = self._chunks(request)
+        try:
+            async for chunk in chunks:
+                if chunk.error_code:
+                    self.metrics.errors.labels(error_label(chunk.error_code)).inc()
+                elif first:
+                    first = False
+                    self.metrics.ttft.observe(time.monotonic() - started)
+                if chunk.usage:
+                    self.metrics.tokens.inc(chunk.usage.get("completion_tokens", 0))
+                yield chunk
+        finally:
+            await _http.aclose_quietly(chunks)
+            self.metrics.latency.observe(time.monotonic() - started)
+
+    async def _chunks(self, request: GenerateRequest) -> AsyncIterator[StreamChunk]:
         if not self.ready:
             if self.load_error is not None:
                 yield error_chunk(ErrorCode.INTERNAL_ERROR, f"the model failed to load: {self.load_error}")
@@ -422,11 +465,16 @@ def create_app(worker: ModelWorker, *, enable_docs: bool = False) -> FastAPI:
         body = HealthResponse(status="ok", model_names=worker.model_names, queue_length=worker.queue_length())
         return JSONResponse(body.model_dump(exclude_none=True))
 
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(worker.metrics.render(), media_type=CONTENT_TYPE)
+
     @app.post("/count_token")
     async def count_token(request: Request) -> Any:
-        data = await _http.read_model(request, CountTokenRequest)
+        data = await _http.read_model(request, CountTokenRequest, worker.max_request_bytes)
         if not worker.ready:
             return _http.error_json(ErrorCode.ENGINE_OVERLOADED, "the model is not loaded yet", status_code=503)
+        worker.check_prompt(data.prompt)
         try:
             count = await asyncio.to_thread(worker.engine.count_tokens, data.prompt)  # tokenising may be slow
         except NotImplementedError as exc:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
 from typing import Any, Literal
 
@@ -27,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError, f
 
 from llava_med.constants import SERVER_ERROR_MSG, ErrorCode
 from llava_med.errors import BadRequestError
+from llava_med.serve.addresses import canonical_url
 from llava_med.sampling import (
     MAX_NEW_TOKENS_LIMIT,
     MAX_SEED,
@@ -70,6 +72,9 @@ __all__ = [
     "aiter_chunks",
     "error_chunk",
     "error_cause",
+    "shown",
+    "MAX_JSON_DEPTH",
+    "OVERLOAD_CODES",
     "validation_error_message",
     "validation_error_code",
     "parse_json_body",
@@ -103,28 +108,33 @@ class WireModel(BaseModel):
 # Controller <-> worker
 
 
-class WorkerStatus(WireModel):
-    """What ``/worker_get_status`` answers (a worker for itself, a controller for all its workers)."""
+#: Highest relative speed a worker may report (it weighs the lottery dispatch; infinity would win every draw).
+MAX_WORKER_SPEED = 1000.0
 
-    model_names: list[str]
-    speed: float = Field(default=1, ge=0)
+
+class WorkerStatus(WireModel):
+    """What ``/worker_get_status`` answers (a worker for itself, a controller for all its workers).
+
+    ``instance_id`` (new, optional) is the same for every address of one running worker: the controller keeps one
+    entry per instance, however many aliases (``localhost``, ``127.0.0.1``, ...) it is registered under."""
+
+    model_names: list[StrictStr]
+    speed: float = Field(default=1, ge=0, le=MAX_WORKER_SPEED, allow_inf_nan=False)
     queue_length: int = Field(default=0, ge=0)
+    instance_id: StrictStr | None = Field(default=None, max_length=128)
 
 
 class RegisterWorkerRequest(WireModel):
-    """``POST /register_worker``; a null ``worker_status`` makes the controller ask the worker itself."""
+    """``POST /register_worker``. The controller never trusts ``worker_status``: it asks the worker itself."""
 
-    worker_name: StrictStr = Field(min_length=1)
+    worker_name: StrictStr = Field(min_length=1, max_length=2048)
     check_heart_beat: bool = True
-    worker_status: WorkerStatus | None = None
+    worker_status: dict[str, Any] | None = None
 
     @field_validator("worker_name")
     @classmethod
-    def _strip_slash(cls, value: str) -> str:
-        value = value.strip().rstrip("/")
-        if not value.startswith(("http://", "https://")):
-            raise ValueError("must be the worker's URL, e.g. http://localhost:21002")
-        return value
+    def _canonical(cls, value: str) -> str:
+        return canonical_url(value)
 
 
 class RegisterWorkerResponse(WireModel):
@@ -136,13 +146,13 @@ class RegisterWorkerResponse(WireModel):
 class HeartBeatRequest(WireModel):
     """``POST /receive_heart_beat``."""
 
-    worker_name: StrictStr
+    worker_name: StrictStr = Field(max_length=2048)
     queue_length: int = Field(default=0, ge=0)
 
     @field_validator("worker_name")
     @classmethod
-    def _strip_slash(cls, value: str) -> str:
-        return value.strip().rstrip("/")
+    def _canonical(cls, value: str) -> str:
+        return canonical_url(value)
 
 
 class HeartBeatResponse(WireModel):
@@ -153,6 +163,23 @@ class HeartBeatResponse(WireModel):
 
 class ListModelsResponse(WireModel):
     models: list[str]
+
+
+class WorkerEntry(WireModel):
+    """One worker as the controller knows it (``/list_workers``, new; ``llava-med status`` prints them)."""
+
+    address: str
+    model_names: list[str]
+    speed: float
+    queue_length: int
+    check_heart_beat: bool
+    seconds_since_seen: float
+    instance_id: str | None = None
+    aliases: list[str] = Field(default_factory=list)
+
+
+class WorkerListResponse(WireModel):
+    workers: list[WorkerEntry]
 
 
 class RefreshAllWorkersResponse(WireModel):
@@ -535,22 +562,35 @@ async def aiter_chunks(byte_iterable: AsyncIterable[bytes]) -> AsyncIterator[Str
         yield chunk
 
 
-_ERROR_PREFIX = SERVER_ERROR_MSG + "\n\n(error_code: "
+#: The errors that really are overload or network conditions: only their chunks carry the original clients'
+#: "NETWORK ERROR DUE TO HIGH TRAFFIC" banner (a bad image or a prompt too long is not high traffic).
+OVERLOAD_CODES = frozenset({ErrorCode.ENGINE_OVERLOADED, ErrorCode.OUT_OF_MEMORY, ErrorCode.CONTROLLER_WORKER_TIMEOUT,
+                            ErrorCode.WORKER_UNREACHABLE})
+_CODE_PREFIX = "(error_code: "
+_ERROR_PREFIX = SERVER_ERROR_MSG + "\n\n" + _CODE_PREFIX
 
 
 def error_chunk(code: ErrorCode | int, message: str) -> StreamChunk:
-    """A final error chunk: the original clients' message, then the code and the real cause."""
+    """A final error chunk: ``(error_code: N) cause``, after the original clients' banner for overload and network
+    conditions (:data:`OVERLOAD_CODES`)."""
     code = int(code)
-    return StreamChunk(text=f"{_ERROR_PREFIX}{code}) {message}", error_code=code, finish_reason="error")
+    prefix = _ERROR_PREFIX if code in OVERLOAD_CODES else _CODE_PREFIX
+    return StreamChunk(text=f"{prefix}{code}) {message}", error_code=code, finish_reason="error")
 
 
 def error_cause(chunk: StreamChunk) -> str:
     """The cause written by :func:`error_chunk` (the whole text for chunks from other servers)."""
     text = chunk.text
-    if text.startswith(_ERROR_PREFIX):
-        _, _, rest = text[len(_ERROR_PREFIX):].partition(") ")
-        return rest
+    for prefix in (_ERROR_PREFIX, _CODE_PREFIX):
+        if text.startswith(prefix):
+            return text[len(prefix):].partition(") ")[2]
     return text
+
+
+def shown(value: Any, limit: int = 60) -> str:
+    """A user-provided value as error messages quote it: repr, cut to ``limit`` characters (a 100 KB model name is
+    not echoed back whole)."""
+    return _short_repr(value, limit)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -580,9 +620,9 @@ _TYPE_WORDS = {
 }
 
 
-def _short_repr(value: Any) -> str:
+def _short_repr(value: Any, limit: int = 60) -> str:
     text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _loc_name(loc: tuple[Any, ...]) -> str:
@@ -647,16 +687,73 @@ def validation_error_code(exc: ValidationError) -> ErrorCode:
     return ErrorCode.BAD_REQUEST
 
 
+#: Deepest JSON nesting a request may have (the deepest body of the protocol, an OpenAI chat with image parts, has 5).
+MAX_JSON_DEPTH = 32
+_JSON_STRUCTURE = re.compile(rb'[\[\]{}"\\]')
+
+
+def json_depth_exceeds(body: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether ``body`` nests arrays/objects deeper than ``limit``, found by scanning only the structural characters
+    (so a body of 100,000 ``[`` is refused before the parser recurses into it)."""
+    depth = 0
+    in_string = False
+    skip_to = -1
+    for match in _JSON_STRUCTURE.finditer(body):
+        pos = match.start()
+        if pos < skip_to:
+            continue
+        char = body[pos]
+        if in_string:
+            if char == 0x5C:  # a backslash escapes the next character
+                skip_to = pos + 2
+            elif char == 0x22:
+                in_string = False
+        elif char == 0x22:
+            in_string = True
+        elif char in (0x5B, 0x7B):
+            depth += 1
+            if depth > limit:
+                return True
+        elif char in (0x5D, 0x7D):
+            depth -= 1
+    return False
+
+
+def _check_unicode(value: Any, where: str = "body") -> None:
+    """Refuse strings that are not valid Unicode (a lone surrogate such as "\\ud800" decodes from JSON but cannot be
+    encoded, tokenised or logged)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise BadRequestError(
+                f"{where} is not valid Unicode: it holds an unpaired surrogate ({value[exc.start]!r} at character "
+                f"{exc.start}); send UTF-8 text"
+            ) from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_unicode(key, where)
+            _check_unicode(item, key if where == "body" else f"{where}.{key}")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_unicode(item, f"{where}[{i}]")
+
+
 def parse_json_body(body: bytes | str) -> dict[str, Any]:
-    """Decode a JSON object body, or raise :class:`BadRequestError` saying what is wrong with it."""
+    """Decode a JSON object body, or raise :class:`BadRequestError` saying what is wrong with it (not JSON, nested
+    deeper than :data:`MAX_JSON_DEPTH`, not an object, strings that are not valid Unicode)."""
     if not body or not body.strip():
         raise BadRequestError("the request body is empty; send a JSON object")
+    raw = body.encode("utf-8", "surrogatepass") if isinstance(body, str) else body
+    if json_depth_exceeds(raw):
+        raise BadRequestError(f"the request body nests JSON arrays/objects deeper than {MAX_JSON_DEPTH} levels")
     try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise BadRequestError(f"the request body is not valid JSON: {exc}") from exc
     if not isinstance(data, dict):
         raise BadRequestError(f"the request body must be a JSON object, got {type(data).__name__}")
+    _check_unicode(data)
     return data
 
 

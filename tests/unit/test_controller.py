@@ -40,6 +40,10 @@ async def _closing(controller: Controller, coro):
         await controller.close()
 
 
+#: TestClient's client address: a client on the controller's machine (the default, "testclient", is not an IP).
+LOCAL = ("127.0.0.1", 50000)
+
+
 def mock_transport(handler: Callable[[httpx.Request], httpx.Response]) -> httpx.MockTransport:
     return httpx.MockTransport(handler)
 
@@ -187,7 +191,7 @@ def test_aggregated_status_sums_live_workers():
     for name in ("http://a:1", "http://b:1", "http://dead:1"):
         c.add_worker(name, True, status("m1"))
     agg = run(_closing(c, c.worker_api_get_status()))
-    assert agg == WorkerStatus(model_names=["m1", "m2"], speed=3, queue_length=5)
+    assert agg == WorkerStatus(model_names=["m1", "m2"], speed=3, queue_length=5, instance_id=c.instance_id)
 
 
 # ------------------------------------------------------------------------------------------------------- relay
@@ -320,7 +324,7 @@ def test_relay_forwards_worker_http_errors_as_chunks():
 def app_client():
     transport = mock_transport(status_handler({"http://w:1": status("m", queue_length=1)}))
     controller = Controller(transport=transport)
-    with TestClient(create_app(controller)) as client:
+    with TestClient(create_app(controller), client=LOCAL) as client:
         yield client, controller
 
 
@@ -329,6 +333,7 @@ def test_app_original_endpoints(app_client):
     r = client.post("/register_worker", json={"worker_name": "http://w:1", "check_heart_beat": True,
                                                "worker_status": {"model_names": ["m"], "speed": 1, "queue_length": 0}})
     assert r.status_code == 200
+    assert r.json()["worker_status"]["queue_length"] == 1  # what the worker says, not what the registrant sent
     assert client.post("/list_models").json() == {"models": ["m"]}
     assert client.post("/get_worker_address", json={"model": "m"}).json() == {"address": "http://w:1"}
     assert client.post("/get_worker_address", json={"model": "nope"}).json() == {"address": ""}
@@ -336,7 +341,8 @@ def test_app_original_endpoints(app_client):
         "exist": True}
     assert client.post("/receive_heart_beat", json={"worker_name": "http://x:1", "queue_length": 0}).json() == {
         "exist": False}
-    assert client.post("/worker_get_status").json() == {"model_names": ["m"], "speed": 1.0, "queue_length": 1}
+    status = client.post("/worker_get_status").json()
+    assert status == {"model_names": ["m"], "speed": 1.0, "queue_length": 1, "instance_id": status["instance_id"]}
     assert client.post("/refresh_all_workers").status_code == 200
     health = client.get("/health")
     assert health.status_code == 200 and health.json()["workers"] == 1
@@ -378,10 +384,10 @@ def test_app_relay_no_worker_is_one_error_chunk(app_client):
 
 
 def test_app_auth_token():
-    controller = Controller(auth_token="s3cret")
+    controller = Controller(auth_token="s3cret", transport=mock_transport(status_handler({"http://w:1": status("m")})))
     payload = {"worker_name": "http://w:1", "check_heart_beat": True,
                "worker_status": {"model_names": ["m"], "speed": 1, "queue_length": 0}}
-    with TestClient(create_app(controller)) as client:
+    with TestClient(create_app(controller), client=("10.1.2.3", 40000)) as client:  # another host, with the token
         r = client.post("/register_worker", json=payload)
         assert r.status_code == 401 and r.json()["error_code"] == ErrorCode.INVALID_AUTH_KEY
         assert "Authorization: Bearer" in r.json()["message"]
@@ -392,6 +398,8 @@ def test_app_auth_token():
         ok = {"Authorization": "Bearer s3cret"}
         assert client.post("/register_worker", json=payload, headers=ok).status_code == 200
         assert client.post("/receive_heart_beat", json=hb, headers=ok).json() == {"exist": True}
+        assert client.post("/refresh_all_workers").status_code == 401  # it makes the controller call every worker
+        assert client.post("/refresh_all_workers", headers=ok).status_code == 200
         assert client.post("/list_models").json() == {"models": ["m"]}  # reads stay open
 
 
@@ -413,3 +421,155 @@ def test_parse_args_defaults_and_env(monkeypatch):
     assert parse_args(["--dispatch-method", "lottery"]).auth_token == "tok"
     with pytest.raises(SystemExit):
         parse_args(["--dispatch-method", "random"])
+
+
+# ------------------------------------------------------------------------------------------------------- hardening
+
+
+def test_registration_never_trusts_the_reported_status():
+    """A registrant claiming speed 1e9 for a URL: the controller asks the URL itself and uses its answer."""
+    honest = status("m", speed=2)
+    transport = mock_transport(status_handler({"http://w:1": honest}))
+    c = Controller(transport=transport)
+    got = run(c.register_worker("http://w:1", False, {"model_names": ["m"], "speed": 1e9}))
+    assert got.speed == 2 and c.workers()["http://w:1"].speed == 2
+    with pytest.raises(LlavaMedError, match="did not answer"):  # a URL that never answers is never listed
+        run(c.register_worker("http://silent:1", False, {"model_names": ["m"], "speed": 1e9}))
+    run(c.close())
+    assert list(c.workers()) == ["http://w:1"]
+
+
+@pytest.mark.parametrize("speed", [1e9, float("inf"), -1.0])
+def test_a_worker_reporting_an_absurd_speed_is_refused(speed):
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=json.dumps({"model_names": ["m"], "speed": speed}).replace(
+            "Infinity", "1e999").encode())
+
+    c = Controller(transport=mock_transport(handler))
+    with pytest.raises(LlavaMedError, match="speed"):
+        run(_closing(c, c.register_worker("http://w:1", True)))
+    assert c.workers() == {}
+
+
+def instance_handler(statuses: dict[str, WorkerStatus]) -> Callable[[httpx.Request], httpx.Response]:
+    """Like status_handler, keyed by host only (every port and spelling of a host reaches the same worker)."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.host in statuses:
+            return httpx.Response(200, json=statuses[request.url.host].model_dump())
+        raise httpx.ConnectError("refused", request=request)
+
+    return handler
+
+
+def test_aliases_of_one_worker_collapse_to_one_entry():
+    worker = WorkerStatus(model_names=["m"], instance_id="worker-1")
+    hosts = {"127.0.0.1": worker, "localhost": worker}
+    c = Controller(transport=mock_transport(instance_handler(hosts)))
+    names = ["http://127.0.0.1:9000", "http://localhost:9000", "http://127.1:9000", "http://[::ffff:127.0.0.1]:9000",
+             "http://0x7f.0.0.1:9000/"]
+    for name in names:
+        run(c.register_worker(name, True))
+    run(c.close())
+    assert list(c.workers()) == ["http://127.0.0.1:9000"]
+    assert c.aliases() == {"http://localhost:9000": "http://127.0.0.1:9000"}  # the numeric forms are canonical
+    assert c.receive_heart_beat("http://localhost:9000/", 3) is True  # a heartbeat under an alias counts
+    assert [c.get_worker_address("m") for _ in range(3)] == ["http://127.0.0.1:9000"] * 3
+    c.remove_worker("http://localhost:9000")
+    assert c.workers() == {} and c.aliases() == {}
+
+
+def test_registering_the_controller_itself_is_refused():
+    c = Controller()
+
+    def handler(request: httpx.Request) -> httpx.Response:  # the controller's own status, at another address
+        return httpx.Response(200, json=WorkerStatus(model_names=[], instance_id=c.instance_id).model_dump())
+
+    c._transport = mock_transport(handler)
+    with pytest.raises(LlavaMedError, match="this controller itself"):
+        run(_closing(c, c.register_worker("http://localhost:21001", False)))
+    assert c.workers() == {}
+
+
+def test_workers_without_heartbeats_expire_when_they_stop_answering():
+    clock = FakeClock()
+    alive = {"http://manual:1": status("m", queue_length=4)}
+    c = Controller(heart_beat_expiration=30, clock=clock, transport=mock_transport(status_handler(alive)))
+    c.add_worker("http://manual:1", False, status("m"))
+    assert run(c.poll_unmonitored()) == []  # heard from just now: not asked yet
+    clock.now += 16
+    assert run(c.poll_unmonitored()) == [] and c.workers()["http://manual:1"].queue_length == 4
+    alive.clear()  # it stops answering
+    clock.now += 16
+    assert run(_closing(c, c.poll_unmonitored())) == ["http://manual:1"]
+    assert c.workers() == {}
+
+
+@pytest.mark.parametrize(
+    ("worker_name", "words"),
+    [("http://127.0.0.1:9000/?", "query"), ("http://a:1/x?next=http://evil", "query"), ("http://w:1/#x", "fragment"),
+     ("http://user:pw@w:1", "user info"), ("file:///etc/passwd", "http(s) URL"), ("http://w:70000", "valid"),
+     ("w:1", "http(s) URL")],
+)
+def test_worker_urls_with_queries_user_info_or_other_schemes_are_refused(app_client, worker_name, words):
+    client, controller = app_client
+    r = client.post("/register_worker", json={"worker_name": worker_name, "check_heart_beat": False})
+    assert r.status_code == 400 and words in r.json()["message"]
+    assert controller.workers() == {}
+
+
+def test_only_local_clients_change_the_registry_without_a_token():
+    controller = Controller(transport=mock_transport(status_handler({"http://w:1": status("m")})))
+    register = {"worker_name": "http://w:1", "check_heart_beat": True}
+    heartbeat = {"worker_name": "http://w:1", "queue_length": 0}
+    with TestClient(create_app(controller), client=("192.0.2.7", 40000)) as remote:
+        for path, body in (("/register_worker", register), ("/receive_heart_beat", heartbeat),
+                           ("/refresh_all_workers", None)):
+            r = remote.post(path, json=body)
+            assert r.status_code == 401 and "--auth-token" in r.json()["message"]
+        assert remote.post("/list_models").json() == {"models": []}  # reads stay open
+    with TestClient(create_app(controller), client=("::1", 40000)) as local:
+        assert local.post("/register_worker", json=register).status_code == 200
+        assert local.post("/receive_heart_beat", json=heartbeat).json() == {"exist": True}
+
+
+def test_range_errors_are_400_not_403(app_client):
+    client, _ = app_client
+    r = client.post("/receive_heart_beat", json={"worker_name": "http://w:1", "queue_length": -1})
+    assert r.status_code == 400 and r.json()["error_code"] == ErrorCode.PARAM_OUT_OF_RANGE
+
+
+def test_relay_stops_loops_and_deep_chains():
+    seen = {}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen["hops"] = request.headers.get("X-LLaVA-Med-Relay")
+        return httpx.Response(200, stream=_Body([encode_chunk(StreamChunk(text="P ok", finish_reason="stop"))]))
+
+    c = Controller(transport=mock_transport(handler))
+    c.add_worker("http://w:1", True, status("m"))
+    body = json.dumps({"model": "m", "prompt": "P"}).encode()
+
+    async def relay_via(via):
+        return b"".join([part async for part in c.generate_stream(body, via)])
+
+    ok = list(iter_chunks([run(relay_via(["parent-controller"]))]))
+    assert ok[-1].text == "P ok" and seen["hops"] == f"parent-controller,{c.instance_id}"
+    [loop] = list(iter_chunks([run(relay_via(["parent-controller", c.instance_id]))]))
+    assert loop.error_code == ErrorCode.RELAY_LOOP and "loop" in loop.text
+    [deep] = list(iter_chunks([run(_closing(c, relay_via([f"c{i}" for i in range(8)])))]))
+    assert deep.error_code == ErrorCode.RELAY_LOOP and "8 controllers" in deep.text
+
+
+def test_list_workers_metrics_and_no_docs(app_client):
+    client, controller = app_client
+    client.post("/register_worker", json={"worker_name": "http://w:1/", "check_heart_beat": True})
+    client.post("/worker_generate_stream", json={"model": "nope", "prompt": "x"})
+    [entry] = client.get("/list_workers").json()["workers"]
+    assert entry["address"] == "http://w:1" and entry["model_names"] == ["m"] and entry["check_heart_beat"]
+    text = client.get("/metrics").text
+    assert "llava_med_controller_workers 1.0" in text
+    assert 'llava_med_controller_errors_total{code="CONTROLLER_NO_WORKER"} 1.0' in text
+    assert 'llava_med_controller_registrations_total{outcome="accepted"} 1.0' in text
+    assert 'llava_med_controller_worker_queue_length{worker="http://w:1"} 1.0' in text
+    assert client.get("/docs").status_code == 404 and client.get("/openapi.json").status_code == 404

@@ -126,7 +126,7 @@ def processor_small():  # noqa: ANN201
 
 def test_image_limits_defaults_and_validation() -> None:
     limits = ImageLimits()
-    assert (limits.max_bytes, limits.max_pixels, limits.max_side) == (32 * 1024 * 1024, 50_000_000, 20_000)
+    assert (limits.max_bytes, limits.max_pixels, limits.max_side) == (32 * 1024 * 1024, 25_000_000, 20_000)
     with pytest.raises(ValueError, match="max_pixels must be positive"):
         ImageLimits(max_pixels=0)
     with pytest.raises(ValueError, match="max_bytes must be an int"):
@@ -415,7 +415,7 @@ def _forbid_pixel_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_huge_header_is_refused_without_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
     _forbid_pixel_decoding(monkeypatch)
     # Over our limit but under PIL's own bomb threshold: refused by our header check.
-    with pytest.raises(ImageTooLargeError, match="8000x8000 = 64000000 pixels, over the limit of 50000000"):
+    with pytest.raises(ImageTooLargeError, match="8000x8000 = 64000000 pixels, over the limit of 25000000"):
         load_image(_png_header_only(8000, 8000))
     with pytest.raises(ImageTooLargeError, match="side of 25000 pixels is over the limit of 20000"):
         load_image(_png_header_only(25000, 10))
@@ -783,3 +783,39 @@ def test_paths_refused_when_not_allowed(tmp_path: Path) -> None:
         load_image(path, allow_path=False)
     encoded = base64.b64encode(path.read_bytes()).decode()
     assert load_image(encoded, allow_path=False).size == (4, 4)
+
+
+def _ico(*embedded: tuple[int, int, bytes]) -> bytes:
+    """An ICO file: a directory of (stated width, stated height, embedded image bytes)."""
+    offset = 6 + 16 * len(embedded)
+    directory, payload = b"", b""
+    for width, height, data in embedded:
+        directory += struct.pack("<BBBBHHII", width % 256, height % 256, 0, 0, 1, 32, len(data), offset + len(payload))
+        payload += data
+    return struct.pack("<HHH", 0, 1, len(embedded)) + directory + payload
+
+
+def test_an_ico_stating_a_small_size_over_a_huge_png_is_refused_before_decoding(monkeypatch) -> None:
+    huge = _png_header_only(12000, 12000)  # the directory says 256x256
+    _forbid_pixel_decoding(monkeypatch)
+    with pytest.raises(ImageTooLargeError, match=r"ICO .*\(image 1 it holds\) is 12000x12000"):
+        load_image(_ico((16, 16, _encode(Image.new("RGB", (16, 16)), "PNG")), (256, 256, huge)))
+    with pytest.raises(ImageError, match="truncated"):
+        load_image(_ico((16, 16, b"\x89PNG\r\n"))[:30])
+
+
+def test_a_real_ico_still_decodes() -> None:
+    small = Image.new("RGB", (32, 32), (10, 200, 30))
+    assert load_image(_ico((32, 32, _encode(small, "PNG")))).getpixel((5, 5)) == (10, 200, 30)
+    ico = io.BytesIO()
+    small.save(ico, format="ICO", sizes=[(32, 32), (16, 16)])
+    assert load_image(ico.getvalue()).size == (32, 32)
+
+
+def test_a_large_palette_png_with_transparency_is_refused_by_its_header(monkeypatch) -> None:
+    palette = Image.new("P", (7000, 7000))
+    data = _encode(palette, "PNG", transparency=0)
+    assert len(data) < 100_000  # a small file ...
+    _forbid_pixel_decoding(monkeypatch)
+    with pytest.raises(ImageTooLargeError, match="7000x7000 = 49000000 pixels"):  # ... that would decode to 49 MP
+        load_image(data)

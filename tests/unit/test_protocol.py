@@ -76,12 +76,18 @@ def test_aiter_chunks():
     assert asyncio.run(collect()) == ["a", "ab"]
 
 
-def test_error_chunk_keeps_the_original_message_and_names_the_cause():
+def test_error_chunk_names_the_cause_and_keeps_the_banner_for_overload_only():
     chunk = error_chunk(ErrorCode.IMAGE_COUNT_MISMATCH, "2 images but 1 <image> tag")
     assert chunk.error_code == 40003 and chunk.is_error
-    assert chunk.text.startswith(constants.SERVER_ERROR_MSG)
-    assert "(error_code: 40003) 2 images but 1 <image> tag" in chunk.text
+    # A bad request is not "high traffic": its text is the cause alone.
+    assert chunk.text == "(error_code: 40003) 2 images but 1 <image> tag"
     assert error_cause(chunk) == "2 images but 1 <image> tag"
+    for code in (ErrorCode.ENGINE_OVERLOADED, ErrorCode.WORKER_UNREACHABLE, ErrorCode.CONTROLLER_WORKER_TIMEOUT,
+                 ErrorCode.OUT_OF_MEMORY):
+        busy = error_chunk(code, "the queue is full")
+        assert busy.text.startswith(constants.SERVER_ERROR_MSG)  # what the original clients show for overload
+        assert f"(error_code: {int(code)}) the queue is full" in busy.text
+        assert error_cause(busy) == "the queue is full"
     assert error_cause(StreamChunk(text="other server text", error_code=1)) == "other server text"
 
 

@@ -122,6 +122,13 @@ BAD_CASES = [
     pytest.param({**GOOD, "temperature": -1}, ErrorCode.PARAM_OUT_OF_RANGE, "temperature: must be >= 0",
                  id="negative-temperature"),
     pytest.param({**GOOD, "top_p": 0}, ErrorCode.PARAM_OUT_OF_RANGE, "top_p: must be > 0", id="zero-top-p"),
+    pytest.param(b"[" * 100_000, ErrorCode.BAD_REQUEST, "deeper than 32 levels", id="deeply-nested-json"),
+    pytest.param(b'{"model": "fake", "prompt": "\\ud800 what?"}', ErrorCode.BAD_REQUEST,
+                 "prompt is not valid Unicode: it holds an unpaired surrogate", id="lone-surrogate"),
+    pytest.param({**GOOD, "model": "other-model"}, ErrorCode.INVALID_MODEL,
+                 "this worker serves ['fake'], not the model 'other-model'", id="model-not-served"),
+    pytest.param({**GOOD, "prompt": "lung " * 10_000}, ErrorCode.CONTEXT_OVERFLOW,
+                 "the prompt has 50000 characters", id="prompt-too-long-for-the-context-by-its-characters"),
 ]
 
 
@@ -131,9 +138,9 @@ def test_bad_request_gives_one_clear_error_chunk_then_worker_still_serves(worker
     body = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
     [chunk] = stream(client, body)
     assert chunk.error_code == code
-    assert chunk.text.startswith(SERVER_ERROR_MSG)  # what the original clients show ...
-    assert message in chunk.text  # ... followed by the real cause
-    assert f"(error_code: {int(code)})" in chunk.text
+    assert not chunk.text.startswith(SERVER_ERROR_MSG)  # a bad request is not "high traffic" ...
+    assert message in chunk.text  # ... the text names the real cause
+    assert chunk.text.startswith(f"(error_code: {int(code)})")
     assert worker.queue_length() == 0
     assert_good_request_works(client)
 
@@ -202,8 +209,9 @@ def test_load_failure_is_reported():
 
 
 def test_other_endpoints(worker_client):
-    client, _ = worker_client
-    assert client.post("/worker_get_status").json() == {"model_names": ["fake"], "speed": 1.0, "queue_length": 0}
+    client, worker = worker_client
+    status = client.post("/worker_get_status").json()
+    assert status == {"model_names": ["fake"], "speed": 1.0, "queue_length": 0, "instance_id": worker.instance_id}
     assert client.post("/model_details").json() == {"context_length": 700}
     assert client.post("/count_token", json={"prompt": PROMPT}).json() == {"count": 584, "error_code": 0}
     r = client.post("/count_token", json={})
@@ -409,3 +417,47 @@ def test_fake_engine_from_flags():
     assert (engine.model_names, engine.script, engine.context_length) == (["llava-med-fake"], "a b c", 99)
     named = build_engine(parse_args(["--engine", "fake", "--model-path", "/ckpt/llava-med-v1.5-mistral-7b"]))
     assert named.model_names == ["llava-med-v1.5-mistral-7b"]
+
+
+def test_huge_model_names_are_not_echoed_back_whole(worker_client):
+    client, _ = worker_client
+    [chunk] = stream(client, {**GOOD, "model": "x" * 100_000})
+    assert chunk.error_code == ErrorCode.INVALID_MODEL and len(chunk.text) < 300
+    assert_good_request_works(client)
+
+
+def test_tiny_top_p_is_clamped_not_a_failure():
+    from llava_med.sampling import MIN_TOP_P
+
+    request = GenerateRequest(prompt="p", top_p=1e-46, temperature=1.0)
+    assert request.sampling_params().top_p == MIN_TOP_P
+
+
+def test_count_token_refuses_bad_unicode_and_long_prompts(worker_client):
+    client, _ = worker_client
+    r = client.post("/count_token", content=b'{"prompt": "\\ud800"}')
+    assert r.status_code == 400 and "unpaired surrogate" in r.json()["message"]
+    r = client.post("/count_token", json={"prompt": "lung " * 10_000})
+    assert r.status_code == 400 and r.json()["error_code"] == ErrorCode.CONTEXT_OVERFLOW
+    assert client.post("/count_token", json={"prompt": "a b <image>"}).json()["count"] == 2 + 576
+
+
+def test_metrics(worker_client):
+    client, worker = worker_client
+    tokens = stream(client, GOOD)[-1].usage["completion_tokens"]
+    stream(client, {**GOOD, "images": []})
+    text = client.get("/metrics").text
+    assert "llava_med_worker_requests_total 2.0" in text
+    assert 'llava_med_worker_errors_total{code="IMAGE_COUNT_MISMATCH"} 1.0' in text
+    assert f"llava_med_worker_generated_tokens_total {float(tokens)}" in text and tokens > 5
+    assert "llava_med_worker_time_to_first_token_seconds_count 1.0" in text
+    assert "llava_med_worker_request_duration_seconds_count 2.0" in text
+    assert "llava_med_worker_queue_length 0.0" in text
+    assert "llava_med_engine_finished_requests 1.0" in text
+    assert client.get("/docs").status_code == 404
+
+
+def test_status_reports_an_instance_id(worker_client):
+    client, worker = worker_client
+    status = client.post("/worker_get_status").json()
+    assert status["instance_id"] == worker.instance_id and len(status["instance_id"]) == 32
