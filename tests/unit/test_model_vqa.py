@@ -137,3 +137,13 @@ def test_missing_question_file_and_unreachable_controller(tmp_path, capsys):
                            "--no-progress", "--controller-url", f"http://127.0.0.1:{free_port()}",
                            "--model", "m"]) == 2
     assert "cannot reach the controller" in capsys.readouterr().err
+
+
+def test_stack_mode_and_scoring_never_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, llava_med.eval.cli, llava_med.eval.model_vqa, llava_med.eval.vqa_metrics, "
+            "llava_med.eval.chat_judge, llava_med.eval.summarize_judge; "
+            "assert 'torch' not in sys.modules, 'torch was imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
