@@ -218,7 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         counts = asyncio.run(run(args))
         records = [line.record for line in iter_jsonl(args.scores_file) if line.record is not None]
-    except EvalInputError as exc:
+    except (EvalInputError, OSError) as exc:
         print(f"chat_judge: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -449,13 +449,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         summary = asyncio.run(supervised())
-    except (EvalInputError, EvalSetupError) as exc:
+    except (EvalInputError, EvalSetupError, OSError) as exc:
         print(f"model_vqa: {exc}", file=sys.stderr)
         return 2
     except (KeyboardInterrupt, asyncio.CancelledError):
         print(f"model_vqa: interrupted; the answers written so far are in {args.answers_file}: run the same command "
               f"again to finish", file=sys.stderr)
-        return 143 if signals else 130
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # Every finished answer is already written and the file is closed; threads still blocked reading a worker's
+        # answer (stack mode) would hold the interpreter's exit until the worker finishes: leave at once.
+        os._exit(143 if signals else 130)
     print(f"model_vqa: {summary.line()} -> {args.answers_file}")
     if summary.errors:
         codes = ", ".join(f"{code}: {n}" for code, n in sorted(summary.error_counts.items()))

@@ -53,6 +53,14 @@ class FakeJudge:
         self.auth: set[str] = set()
         self.app = FastAPI()
 
+        self.azure: list[tuple[str, str, str]] = []  # (deployment, api-version, api-key header)
+
+        @self.app.post("/openai/deployments/{deployment}/chat/completions")
+        async def azure_completions(deployment: str, request: Request) -> JSONResponse:
+            self.azure.append((deployment, request.query_params.get("api-version", ""),
+                               request.headers.get("api-key", "")))
+            return await completions(request)
+
         @self.app.post("/v1/chat/completions")
         async def completions(request: Request) -> JSONResponse:
             body = await request.json()
@@ -139,6 +147,17 @@ def test_judge_scores_file_summary_and_resume(judge, tmp_path, monkeypatch, caps
     assert chat_judge.main(_argv(qfile, afile, scores, url, "--retry-errors")) == 0
     assert fake.calls[2] == 2 and sum(fake.calls.values()) == calls_before + 1
     assert sorted(json.loads(x)["question_id"] for x in scores.read_text().splitlines()) == [0, 1, 2, 3, 4]
+
+
+def test_azure_openai_deployment_and_key_header(judge, tmp_path, monkeypatch, capsys):
+    fake, url = judge
+    monkeypatch.setenv("TEST_JUDGE_KEY", API_KEY)
+    qfile, afile, scores = _files(tmp_path)
+    azure_endpoint = url.removesuffix("/v1")
+    assert chat_judge.main(_argv(qfile, afile, scores, azure_endpoint, "--azure-api-version", "2024-06-01")) == 0
+    assert "4 judged now" in capsys.readouterr().out
+    assert set(fake.azure) == {("judge-1", "2024-06-01", API_KEY)}
+    assert len(fake.azure) == 6  # five questions, one of them twice (the 429)
 
 
 def test_unreachable_judge_is_recorded_and_counted(tmp_path, capsys):
