@@ -138,8 +138,7 @@ def convert(fmt: str, path: Path, *, split: str = "test", lang: str = "en") -> l
 
 def write_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> None:
     with open(path, "w", encoding="utf-8") as fh:
-        for record in records:
-            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+        fh.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
 
 
 IMAGE_FOLDERS = {"vqa-rad": "VQA_RAD Image Folder", "slake": "imgs", "pathvqa": "images/<split>",
