@@ -135,7 +135,7 @@ def test_killed_run_restarts_and_completes_the_file(stack, tmp_path, sig):
     cmd = _stack_cmd(ctrl.url, qfile, answers, "--concurrency", "2", "--max-new-tokens", "48")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT)
     try:
-        _wait_for_lines(answers, 12, proc)
+        _wait_for_lines(answers, n // 2, proc)
         proc.send_signal(sig)
         out, err = proc.communicate(timeout=30)
     finally:
@@ -144,12 +144,12 @@ def test_killed_run_restarts_and_completes_the_file(stack, tmp_path, sig):
             proc.communicate()
     assert proc.returncode == -sig if sig == signal.SIGKILL else proc.returncode == 143, out + err
     kept = answers.read_text()
-    assert 12 <= kept.count("\n") < n, "stopped halfway"
+    assert n // 2 <= kept.count("\n") < n, "stopped halfway"
 
     done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=DEADLINE, env=_env(), cwd=ROOT)
     assert done.returncode == 0, done.stdout + done.stderr
     records = _by_id(answers)
     assert sorted(records) == list(range(n)), "no missing id"
     assert all(r["metadata"] == {} and r["text"] for r in records.values())
-    skipped = len([line for line in kept.splitlines() if line.endswith("}")])
-    assert f"{skipped} already in the answers file" in done.stdout
+    # Every complete line (a killed write leaves its line without the newline) was kept and skipped.
+    assert f"{kept.count(chr(10))} already in the answers file" in done.stdout
