@@ -35,10 +35,13 @@ setup(
         "httpx>=0.27",
         "requests>=2.31",
         "prometheus-client>=0.20",
+        "tqdm>=4.60",
     ],
     extras_require={
         "quant": ["bitsandbytes>=0.45"],
         "web": ["gradio>=6,<7"],
+        # The judge of `llava-med eval chat_judge` talks to any OpenAI-compatible endpoint with the official client.
+        "eval": ["openai>=1.40"],
         # gradio_client drives the web UI in tests; playwright drives the system's Chromium (no browser download);
         # the official openai package drives the OpenAI-compatible API in tests.
         "test": ["pytest>=8", "pytest-timeout>=2.3", "gradio_client>=2,<3", "playwright>=1.40", "openai>=1.40"],

@@ -19,6 +19,7 @@ SUBCOMMANDS = {
     "test-message": ("llava_med.serve.test_message", "send one message through a controller"),
     "register-worker": ("llava_med.serve.register_worker", "register a worker with a controller by hand"),
     "make-tiny": ("llava_med.model.tiny", "build the tiny (or ~100M 'small') random checkpoint"),
+    "eval": ("llava_med.eval.cli", "benchmarks: model_vqa, vqa_metrics, chat_judge, summarize_judge"),
 }
 
 
