@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "openai-api": ("llava_med.serve.openai_api", "run the OpenAI-compatible API (/v1) over a controller"),
     "launch": ("llava_med.serve.launch",
                "start a controller, workers, the web UI and the OpenAI API together (Ctrl-C stops all)"),
+    "status": ("llava_med.serve.status", "show a controller's workers, models, queues and health"),
     "test-message": ("llava_med.serve.test_message", "send one message through a controller"),
     "register-worker": ("llava_med.serve.register_worker", "register a worker with a controller by hand"),
     "make-tiny": ("llava_med.model.tiny", "build the tiny (or ~100M 'small') random checkpoint"),

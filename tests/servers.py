@@ -48,6 +48,15 @@ def original_stream(url: str, pload: dict, timeout: float = 15) -> Iterator[dict
             yield json.loads(chunk.decode())
 
 
+def last_before_error(chunks: Iterator[dict]) -> dict | None:
+    """Read an original-protocol stream until its error chunk (returned), or to its end (the last chunk)."""
+    last = None
+    for last in chunks:
+        if last["error_code"]:
+            break
+    return last
+
+
 def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0.05,
                message: str = "condition") -> Any:
     """Poll ``predicate`` until it returns a truthy value (returned) or ``timeout`` seconds pass (AssertionError).

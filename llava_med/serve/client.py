@@ -234,8 +234,18 @@ class LlavaMedClient:
         return {"Authorization": f"Bearer {self.auth_token}"} if self.auth_token else {}
 
     # ------------------------------------------------------------------------------------------------ controller
-    def refresh_all_workers(self) -> None:
-        self._post(self._controller() + "/refresh_all_workers")
+    def refresh_all_workers(self) -> bool:
+        """Ask the controller to re-check every worker now. It changes the registry, so it needs the controller's
+        token (``auth_token``) or a client on the controller's machine; returns False when refused (the registry
+        stays fresh by itself through heartbeats)."""
+        try:
+            self._post(self._controller() + "/refresh_all_workers", headers=self._auth_headers())
+        except WorkerError as exc:
+            if exc.code != ErrorCode.INVALID_AUTH_KEY:
+                raise
+            logger.info("the controller refused a refresh (%s); using its registry as it is", exc.message)
+            return False
+        return True
 
     def list_models(self) -> list[str]:
         return sorted(self._post(self._controller() + "/list_models").json()["models"])

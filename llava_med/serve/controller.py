@@ -278,7 +278,7 @@ class Controller(WorkerRegistry):
 
         tried: list[str] = []
         while True:
-            address = self.get_worker_address(model)
+            address = self.get_worker_address(model, exclude=via)
             if not address or address in tried:
                 if tried:
                     message = (f"no reachable worker serves model {shown(model)} (tried {', '.join(tried)}); "

@@ -329,8 +329,8 @@ class Stack:
                 if not child.alive():
                     raise LaunchError(self.death_report(child, "while starting"))
             with contextlib.suppress(httpx.HTTPError, ValueError, KeyError):
-                resp = self._http.post(self.controller_url + "/refresh_all_workers")
-                known = set(resp.json()["workers"])
+                resp = self._http.get(self.controller_url + "/list_workers")
+                known = {w["address"] for w in resp.json()["workers"]}
                 if wanted <= known:
                     return
             if time.monotonic() > deadline:

@@ -1,7 +1,10 @@
 """Every wire model of the serving stack, and the null-byte stream framing, in one place.
 
+(Longer than the other modules on purpose: one module holds every wire model, the original protocol's and the
+OpenAI-compatible API's, with the framing and the parsing helpers, so a change of the wire shows in one file.)
+
 The controller and worker endpoints, and their JSON bodies, stay compatible with the original LLaVA / FastChat
-clients (the table is in the README, "Wire protocol"):
+clients (described in the README, "Serving: controller, workers and clients by hand"):
 
 * controller: ``/register_worker``, ``/receive_heart_beat``, ``/refresh_all_workers``, ``/list_models``,
   ``/get_worker_address``, ``/worker_generate_stream``, ``/worker_get_status``;

@@ -14,7 +14,7 @@ import logging
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, replace
 
 from llava_med.constants import controller_heart_beat_expiration
@@ -176,11 +176,13 @@ class WorkerRegistry:
             models = {m for info in self._workers.values() for m in info.model_names}
         return sorted(models)
 
-    def get_worker_address(self, model_name: str) -> str:
-        """A worker serving ``model_name``, or ``""`` when none does."""
+    def get_worker_address(self, model_name: str, exclude: Collection[str] = ()) -> str:
+        """A worker serving ``model_name``, or ``""`` when none does. ``exclude``: instance ids to pass over (the
+        controllers a relayed request already went through: sending it back there would loop)."""
         with self._lock:
             candidates = sorted(
-                (name, info) for name, info in self._workers.items() if model_name in info.model_names
+                (name, info) for name, info in self._workers.items()
+                if model_name in info.model_names and (info.instance_id is None or info.instance_id not in exclude)
             )
             if not candidates:
                 return ""

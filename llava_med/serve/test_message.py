@@ -18,6 +18,7 @@ from llava_med.constants import DEFAULT_CONTROLLER_URL
 from llava_med.conversation import template_names
 from llava_med.sampling import CHAT_DEFAULTS
 from llava_med.serve.client import ClientError, LlavaMedClient
+from llava_med.serve.protocol import default_auth_token
 
 __all__ = ["main", "parse_args"]
 
@@ -39,7 +40,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    client = LlavaMedClient(args.controller_address, args.worker_address, timeout=args.timeout)
+    client = LlavaMedClient(args.controller_address, args.worker_address, timeout=args.timeout,
+                            auth_token=default_auth_token())
     try:
         model = args.model_name
         if args.worker_address:

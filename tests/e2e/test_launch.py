@@ -201,3 +201,23 @@ def test_a_worker_that_cannot_start_is_reported(tmp_path):
     pids = [int(pid) for pid in re.findall(r"started [\w-]+ \(pid (\d+)\)", proc.stderr)]
     assert len(pids) == 3  # controller, worker and the OpenAI API (started with the worker)
     wait_until(lambda: all(pid_gone(p) for p in pids), 10, message="the controller stopped too")
+
+
+@pytest.mark.slow
+def test_a_stack_with_a_shared_secret(tmp_path):
+    """LLAVA_MED_AUTH_TOKEN reaches every child: workers register with it, the launcher and the web UI work with
+    it, and the registry refuses changes without it."""
+    stack = start_launcher(tmp_path / "logs", "--engine", "fake", "--no-openai", timeout=90,
+                           env={"LLAVA_MED_AUTH_TOKEN": "lab-secret"})
+    try:
+        assert stack.models() == ["llava-med-fake"]
+        url = stack.controller_url + "/refresh_all_workers"
+        assert requests.post(url, timeout=5).status_code == 401
+        assert requests.post(url, headers={"Authorization": "Bearer lab-secret"}, timeout=5).status_code == 200
+        from gradio_client import Client
+
+        web = Client(stack.web_url, verbose=False, download_files=False)
+        assert web.predict(None, api_name="/refresh_models")["choices"][0][0] == "llava-med-fake"
+        assert stack.terminate() == 0
+    finally:
+        stack.kill_everything()

@@ -12,7 +12,15 @@ from dataclasses import dataclass
 
 import pytest
 import requests
-from servers import FAST_HEARTBEAT_ENV, ProcessGroup, ServerProcess, free_port, original_stream, wait_until
+from servers import (
+    FAST_HEARTBEAT_ENV,
+    ProcessGroup,
+    ServerProcess,
+    free_port,
+    last_before_error,
+    original_stream,
+    wait_until,
+)
 
 from llava_med.serve.client import ClientConnectionError, LlavaMedClient
 from llava_med.serve.protocol import ErrorCode
@@ -145,11 +153,7 @@ def test_worker_killed_mid_stream(procs: ProcessGroup):
     [survivor] = [w for w in workers if w is not victim]
     victim.kill()
     killed_at = time.monotonic()
-    last = None
-    for line in lines:
-        last = json.loads(line)
-        if last["error_code"]:
-            break
+    last = last_before_error(json.loads(line) for line in lines)
     assert time.monotonic() - killed_at < 10
     assert last is not None and last["error_code"] == ErrorCode.WORKER_UNREACHABLE
     assert victim.url in last["text"]

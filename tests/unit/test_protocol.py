@@ -164,4 +164,7 @@ def test_register_and_status_models():
     with pytest.raises(BadRequestError, match=r"worker_name: .*URL"):
         protocol.parse_model(RegisterWorkerRequest, {"worker_name": "h:1", "check_heart_beat": True})
     status = WorkerStatus.model_validate({"model_names": ["m"], "speed": 1, "queue_length": 0, "extra": 1})
-    assert status.model_dump() == {"model_names": ["m"], "speed": 1.0, "queue_length": 0}
+    assert status.model_dump() == {"model_names": ["m"], "speed": 1.0, "queue_length": 0, "instance_id": None}
+    for speed in (1e9, float("inf"), -1):
+        with pytest.raises(BadRequestError, match="speed"):
+            protocol.parse_model(WorkerStatus, {"model_names": ["m"], "speed": speed})

@@ -21,6 +21,7 @@ from llava_med.errors import ImageError, LlavaMedError, MissingDependencyError
 from llava_med.images.decode import load_image
 from llava_med.sampling import CHAT_DEFAULTS
 from llava_med.serve.client import ClientError, LlavaMedClient, NoWorkerError
+from llava_med.serve.protocol import default_auth_token
 from llava_med.serve.web.chat_log import ConversationLog
 from llava_med.serve.web.config import (
     CONTROL_TIMEOUT,
@@ -88,7 +89,7 @@ class WebUI:
     # ---------------------------------------------------------------------------------------- controller access
     def client(self, worker_url: str | None = None, timeout: float | None = None) -> LlavaMedClient:
         return LlavaMedClient(self.config.controller_url, worker_url=worker_url,
-                              timeout=timeout or self.config.request_timeout)
+                              timeout=timeout or self.config.request_timeout, auth_token=default_auth_token())
 
     def list_models(self) -> list[str]:
         """The controller's models (after asking it to refresh its workers); [] (logged) when unreachable."""
