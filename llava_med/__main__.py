@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "test-message": ("llava_med.serve.test_message", "send one message through a controller"),
     "register-worker": ("llava_med.serve.register_worker", "register a worker with a controller by hand"),
     "make-tiny": ("llava_med.model.tiny", "build the tiny (or ~100M 'small') random checkpoint"),
+    "convert": ("llava_med.model.convert", "convert an original LLaVA-Med checkpoint to the transformers Llava format"),
 }
 
 
