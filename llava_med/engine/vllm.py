@@ -13,8 +13,9 @@ What stays ours, so that the answers are those of the ``hf`` engine (greedy toke
 * prompt tokenisation (:func:`~llava_med.model.prompting.tokenizer_image_token`, what the model saw in training)
   and the image preprocessing up to the vision tower's size (decoding, limits, aspect mode:
   :func:`~llava_med.model.preprocess.resize_for_vision_tower`); vLLM gets token ids and images of the tower's size;
-* the text: vLLM streams token ids, :class:`~llava_med.model.generation.TextAssembler` turns them into text and
-  cuts it at stop strings, as for the ``hf`` engine;
+* the text: vLLM streams token ids only (no detokenising, no stop strings), and
+  :class:`~llava_med.model.generation.TextAssembler` turns them into text and cuts it at stop strings, as for the
+  ``hf`` engine; a request that reaches a stop string is aborted in vLLM;
 * sampling settings mapped from :class:`~llava_med.sampling.SamplingParams` (greedy at temperature <= 1e-3), with
   ``<image>`` forbidden (its LM head row is zero; a logit bias of -100 keeps it from being generated).
 
@@ -373,16 +374,16 @@ class VLLMEngine(Engine):
         from vllm.sampling_params import RequestOutputKind
 
         params = request.params
+        # Stop strings are ours (TextAssembler, as in the hf engine): vLLM only streams token ids.
         return VLLMSamplingParams(
             temperature=0.0 if params.greedy else params.temperature,
             top_p=1.0 if params.greedy else params.top_p,
             seed=params.seed,
-            stop=list(params.stop) or None,
             ignore_eos=params.ignore_eos,
             max_tokens=min(params.max_new_tokens, room),
             logit_bias={self._require_served().image_token_id: FORBID_BIAS},
             output_kind=RequestOutputKind.DELTA,
-            skip_special_tokens=True,
+            detokenize=False,
         )
 
     async def generate_stream(self, request: EngineRequest) -> AsyncIterator[GenerationOutput]:
@@ -404,36 +405,39 @@ class VLLMEngine(Engine):
         sampling = self._sampling_params(request, served.context_length - positions)
         assembler = TextAssembler(served.tokenizer, request.params.stop)
         generated = 0
-        finished = False
+        engine_done = False  # vLLM finished the request by itself (else it is aborted when this generator ends)
         stream = self.llm.generate(prompt, sampling, f"llava-med-{next(self._ids)}")
         try:
             async for out in stream:
+                engine_done = out.finished
                 completion = out.outputs[0]
+                end_of_sequence = False
                 for token in completion.token_ids:
                     generated += 1
                     if token == served.eos_token_id and not request.params.ignore_eos:
+                        end_of_sequence = True
                         break
-                    if not assembler.stopped:
-                        assembler.add(token)
-                if out.finished:
-                    finished = True
-                    reason = "stop" if assembler.stopped else _FINISH.get(completion.finish_reason or "", "stop")
+                    if assembler.add(token):  # a stop string: we stop here, vLLM is aborted below
+                        break
+                if assembler.stopped or end_of_sequence or out.finished:
+                    reason = ("stop" if assembler.stopped or end_of_sequence
+                              else _FINISH.get(completion.finish_reason or "", "stop"))
                     yield GenerationOutput(assembler.final_text, reason, positions, generated,
                                            tuple(assembler.token_ids))
                     return
                 yield GenerationOutput(assembler.text, None, positions, generated)
         except EngineDeadError as exc:
-            finished = True
+            engine_done = True
             raise LlavaMedError(f"the vLLM engine died: {exc}") from exc
         except EngineGenerateError as exc:
-            finished = True
+            engine_done = True
             cause = exc.__cause__ or exc
             raise LlavaMedError(f"vLLM failed: {type(cause).__name__}: {cause}") from exc
         except ValueError as exc:  # vLLM's validation errors (VLLMValidationError is one)
-            finished = True
+            engine_done = True
             raise BadRequestError(f"vLLM refused the request: {exc}") from exc
         finally:
-            if not finished:
+            if not engine_done:
                 self._close_soon(stream)
 
     def _close_soon(self, stream) -> None:
