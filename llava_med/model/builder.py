@@ -238,21 +238,31 @@ def _device_map(cfg: LoadConfig, device: str) -> tuple[Any, dict | None]:
     return {"": device}, None
 
 
-def _check_language_model_keys(info: Mapping[str, Any], tie_embeddings: bool) -> None:
-    missing = sorted(k for k in info.get("missing_keys", ()) if not (tie_embeddings and k == "lm_head.weight"))
-    unexpected = sorted(k for k in info.get("unexpected_keys", ()) if not k.startswith(_MULTIMODAL_PREFIXES))
-    mismatched = sorted(str(m) for m in info.get("mismatched_keys", ()))
+def weights_mismatch(what: str, *, missing: list[str] = (), unexpected: list[str] = (), wrong_shape: list[str] = (),
+                     errors: Any = None) -> CheckpointError | None:
+    """The error naming the weights that do not match ``what`` (None when everything matches)."""
     problems = []
     if missing:
-        problems.append(f"missing weights (would be random): {_short_list(missing)}")
+        problems.append(f"missing weights (would be random): {_short_list(sorted(missing))}")
     if unexpected:
-        problems.append(f"unexpected weights (not used by the model): {_short_list(unexpected)}")
-    if mismatched:
-        problems.append(f"weights with the wrong shape: {_short_list(mismatched)}")
-    if info.get("error_msgs"):
-        problems.append(f"errors: {info['error_msgs']}")
-    if problems:
-        raise CheckpointError("the checkpoint does not match the model: " + "; ".join(problems))
+        problems.append(f"unexpected weights (not used by the model): {_short_list(sorted(unexpected))}")
+    if wrong_shape:
+        problems.append(f"weights with the wrong shape: {_short_list(sorted(wrong_shape))}")
+    if errors:
+        problems.append(f"errors: {errors}")
+    return CheckpointError(f"{what}: " + "; ".join(problems)) if problems else None
+
+
+def _check_language_model_keys(info: Mapping[str, Any], tie_embeddings: bool) -> None:
+    error = weights_mismatch(
+        "the checkpoint does not match the model",
+        missing=[k for k in info.get("missing_keys", ()) if not (tie_embeddings and k == "lm_head.weight")],
+        unexpected=[k for k in info.get("unexpected_keys", ()) if not k.startswith(_MULTIMODAL_PREFIXES)],
+        wrong_shape=[str(m) for m in info.get("mismatched_keys", ())],
+        errors=info.get("error_msgs"),
+    )
+    if error is not None:
+        raise error
 
 
 def _short_list(keys: list[str], limit: int = 10) -> str:

@@ -31,13 +31,13 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from llava_med.constants import DEFAULT_IMAGE_TOKEN
 from llava_med.errors import CheckpointError
+from llava_med.model.cache import build_once
 
 __all__ = ["CONVERSION_INFO", "FORMAT_VERSION", "convert_checkpoint", "conversion_info", "ensure_converted",
            "is_native_llava", "main"]
@@ -204,22 +204,17 @@ def _expected_shapes(native_config) -> dict[str, tuple[int, ...]]:
 
 
 def _check_written(written: Mapping[str, tuple[int, ...]], expected: Mapping[str, tuple[int, ...]]) -> None:
-    from llava_med.model.builder import _short_list
+    from llava_med.model.builder import weights_mismatch
 
-    missing = sorted(set(expected) - set(written))
-    unexpected = sorted(set(written) - set(expected))
-    wrong = sorted(f"{k} {written[k]} (expected {expected[k]})" for k in set(written) & set(expected)
-                   if tuple(written[k]) != tuple(expected[k]))
-    problems = []
-    if missing:
-        problems.append(f"missing weights: {_short_list(missing)}")
-    if unexpected:
-        problems.append(f"unexpected weights: {_short_list(unexpected)}")
-    if wrong:
-        problems.append(f"weights with the wrong shape: {_short_list(wrong)}")
-    if problems:
-        raise CheckpointError("the converted checkpoint would not match LlavaForConditionalGeneration: "
-                              + "; ".join(problems))
+    error = weights_mismatch(
+        "the converted checkpoint would not match LlavaForConditionalGeneration",
+        missing=list(set(expected) - set(written)),
+        unexpected=list(set(written) - set(expected)),
+        wrong_shape=[f"{k} {written[k]} (expected {expected[k]})" for k in set(written) & set(expected)
+                     if tuple(written[k]) != tuple(expected[k])],
+    )
+    if error is not None:
+        raise error
 
 
 def _save_tokenizer_and_processor(source: Path, out: Path, image_processor, native_config, old_vocab: int) -> None:
@@ -364,24 +359,12 @@ def ensure_converted(model_path: str | None, *, cache_dir: str | os.PathLike | N
         return source
     base = Path(cache_dir) if cache_dir is not None else default_converted_dir()
     name = model_name_from_path(str(model_path) if model_path else source.name)
-    final = base / f"{name}-{fingerprint(source, vision_tower)}"
-    if (final / CONVERSION_INFO).is_file():
-        return final
-    base.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".convert-{name}-", dir=base))
-    try:
-        logger.info("converting %s into the transformers Llava format (first use) in %s", source, final)
-        convert_checkpoint(model_path, tmp, vision_tower=vision_tower, local_files_only=local_files_only)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not (final / CONVERSION_INFO).is_file():
-                raise
-            logger.debug("another process converted %s first", source)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
+
+    def build(folder: Path) -> None:
+        logger.info("converting %s into the transformers Llava format (first use)", source)
+        convert_checkpoint(model_path, folder, vision_tower=vision_tower, local_files_only=local_files_only)
+
+    return build_once(base / f"{name}-{fingerprint(source, vision_tower)}", CONVERSION_INFO, build)
 
 
 def main(argv: list[str] | None = None) -> int:
