@@ -98,11 +98,11 @@ class VLLMOptions:
     enforce_eager: bool = False
     quantization: str | None = None
     max_num_seqs: int | None = None
-    max_images_per_prompt: int = 4
+    max_images_per_prompt: int | None = None  # None: as many as fit in the context
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.max_images_per_prompt < 1:
+        if self.max_images_per_prompt is not None and self.max_images_per_prompt < 1:
             raise ValueError(f"--max-images-per-prompt must be >= 1, got {self.max_images_per_prompt}")
         if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}")
@@ -124,6 +124,7 @@ class _Served:
     eos_token_id: int | None
     aspect_default: str
     context_length: int
+    max_images: int
 
 
 class VLLMEngine(Engine):
@@ -175,8 +176,9 @@ class VLLMEngine(Engine):
                                 "bitsandbytes); --load-4bit means bitsandbytes")
         group.add_argument("--max-num-seqs", type=int, default=None,
                            help="requests vLLM runs in one batch (vLLM's default for the platform)")
-        group.add_argument("--max-images-per-prompt", type=int, default=4,
-                           help="images one request may carry (vLLM reserves memory for that many)")
+        group.add_argument("--max-images-per-prompt", type=int, default=None,
+                           help="images one request may carry; vLLM reserves memory for that many (default: as "
+                                "many as fit in the context, 3 for LLaVA-Med v1.5)")
         group.add_argument("--vllm-args", default=None, metavar="JSON",
                            help="other vLLM engine arguments as a JSON object, e.g. "
                                 "'{\"enable_prefix_caching\": false}'")
@@ -283,17 +285,19 @@ class VLLMEngine(Engine):
         if self._conv_mode is None:
             self._conv_mode = info.get("conv_mode")
         context = self.options.max_model_len or int(info.get("context_length") or tokenizer.model_max_length)
+        tokens_per_image = int(config.image_seq_length)
         return _Served(
             folder=folder,
             tokenizer=tokenizer,
             image_processor=CLIPImageProcessorPil.from_pretrained(str(folder)),
             image_token_id=image_token_id,
-            tokens_per_image=int(config.image_seq_length),
+            tokens_per_image=tokens_per_image,
             eos_token_id=tokenizer.eos_token_id,
             # The Llava format has no aspect mode: a folder converted by us says the release's ("pad" for v1.5);
             # another folder gets what its image processor does on its own (crop).
             aspect_default=info.get("image_aspect_ratio") or "crop",
             context_length=context,
+            max_images=self.options.max_images_per_prompt or max(1, (context - 1) // tokens_per_image),
         )
 
     @staticmethod
@@ -324,7 +328,7 @@ class VLLMEngine(Engine):
             "max_model_len": served.context_length,
             "tensor_parallel_size": cfg.num_gpus,
             "enforce_eager": opts.enforce_eager,
-            "limit_mm_per_prompt": {"image": opts.max_images_per_prompt},
+            "limit_mm_per_prompt": {"image": served.max_images},
             "enable_log_requests": False,
         }
         quantization = opts.quantization or ("bitsandbytes" if cfg.load_4bit else None)
@@ -355,8 +359,8 @@ class VLLMEngine(Engine):
         if not isinstance(request.prompt, str) or not request.prompt:
             raise BadRequestError("prompt must be a non-empty string")
         check_image_count(request.prompt, request.num_images)
-        if request.num_images > self.options.max_images_per_prompt:
-            raise ImageCountMismatchError(f"at most {self.options.max_images_per_prompt} images per request "
+        if request.num_images > served.max_images:
+            raise ImageCountMismatchError(f"at most {served.max_images} images per request "
                                           f"(--max-images-per-prompt), got {request.num_images}")
         ids = tokenizer_image_token(request.prompt, served.tokenizer, image_token_index=served.image_token_id)
         positions = prompt_positions(ids, served.tokens_per_image, served.image_token_id)
