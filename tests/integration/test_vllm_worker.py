@@ -2,7 +2,8 @@
 the original clients, checked against our own model code.
 
 Runs only where vLLM is installed: the virtualenv of ``scripts/setup_vllm_env.sh`` (``.ci/run`` runs this file
-there); the main suite skips it. One worker serves every test of the module (vLLM starts in ~20-50 s here).
+there); the main suite skips it. One worker serves the module's tests (vLLM starts in ~20-50 s here); one more,
+short-lived, is refused the tiny checkpoint.
 
 The checkpoint is the ~100M "small" preset in the original LLaVA-Med format, converted by the worker on first
 use: the tiny preset's 16-dimensional attention heads are below what vLLM's CPU attention takes (32 and up).
@@ -206,6 +207,18 @@ def test_stop_mid_stream_aborts_the_request_in_vllm(stack):
     assert waited < 0.25 * LONG_TOKENS * per_token, (waited, per_token)
     wait_until(lambda: requests.post(worker.url + "/worker_get_status", timeout=5).json()["queue_length"] == 0, 20,
                message="the worker's queue is empty again")
+
+
+def test_a_checkpoint_vllm_cannot_run_on_cpu_is_refused_with_the_reason(tiny_checkpoint, tmp_path):
+    """The tiny checkpoint's 16-wide attention heads: the worker exits naming them, before starting vLLM."""
+    group = ProcessGroup(tmp_path)
+    try:
+        worker = group.start_worker(None, "--model-path", str(tiny_checkpoint), engine="vllm", wait=False)
+        wait_until(lambda: not worker.alive(), 180, interval=0.5, message="the worker to give up")
+        assert worker.proc.returncode != 0
+        assert "vLLM's CPU attention takes head sizes" in worker.log_text() and "are 16" in worker.log_text()
+    finally:
+        group.stop_all()
 
 
 def test_worker_reports_template_context_and_token_counts(stack, reference):
