@@ -250,11 +250,8 @@ def convert_checkpoint(model_path: str | os.PathLike | None, out: str | os.PathL
                        vision_tower: str | None = None, local_files_only: bool = False) -> Path:
     """Write the native Llava form of the checkpoint ``model_path`` (a folder or hub id; None: the embedded tiny
     checkpoint) into the folder ``out``, which must not exist or be empty. Returns ``out``."""
-    from safetensors.torch import save_file
-
-    from llava_med.conversation import conv_mode_for_config
     from llava_med.model.args import LoadConfig
-    from llava_med.model.builder import CheckpointTensors, context_length, load_vision_tower, read_config
+    from llava_med.model.builder import CheckpointTensors, load_vision_tower, read_config
 
     source = _source_folder(None if model_path is None else str(model_path), local_files_only)
     out = Path(out)
@@ -273,6 +270,24 @@ def convert_checkpoint(model_path: str | os.PathLike | None, out: str | os.PathL
     native, old_vocab = _native_config(config, vision_model.config, dtype_name)
     expected = _expected_shapes(native)
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        _write_converted(source, out, config, tensors, native, old_vocab, expected, vision_model, image_processor,
+                         vision_source, model_path)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)  # no half-written folder (it was empty or absent)
+        raise
+    logger.info("converted %s into %s", source, out)
+    return out
+
+
+def _write_converted(source: Path, out: Path, config: Mapping[str, Any], tensors, native, old_vocab: int,
+                     expected: Mapping[str, tuple[int, ...]], vision_model, image_processor, vision_source: str,
+                     model_path) -> None:
+    """The body of :func:`convert_checkpoint`: weights shard by shard, then configs, tokenizer and processor."""
+    from safetensors.torch import save_file
+
+    from llava_med.conversation import conv_mode_for_config
+    from llava_med.model.builder import context_length
 
     # Source files holding language-model or projector weights (the vision tower gets its own last shard).
     plan = [(fname, names) for fname, keys in tensors.files().items()
@@ -334,8 +349,6 @@ def convert_checkpoint(model_path: str | os.PathLike | None, out: str | os.PathL
         "vision_source": vision_source,
     }
     (out / CONVERSION_INFO).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-    logger.info("converted %s into %s", source, out)
-    return out
 
 
 def default_converted_dir() -> Path:

@@ -152,6 +152,7 @@ def test_conversion_checks_what_it_writes(tiny_checkpoint, tmp_path):
     (src / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="vocab"):
         convert_checkpoint(str(src), tmp_path / "out-vocab")
+    assert not (tmp_path / "out-vocab").exists()  # nothing half-written is left behind
     (tmp_path / "plain").mkdir()
     (tmp_path / "plain" / "config.json").write_text(json.dumps({"model_type": "mistral"}))
     with pytest.raises(CheckpointError, match="not an original LLaVA checkpoint"):
