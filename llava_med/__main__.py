@@ -21,6 +21,7 @@ SUBCOMMANDS = {
     "register-worker": ("llava_med.serve.register_worker", "register a worker with a controller by hand"),
     "make-tiny": ("llava_med.model.tiny", "build the tiny (or ~100M 'small') random checkpoint"),
     "eval": ("llava_med.eval.cli", "benchmarks: model_vqa, vqa_metrics, chat_judge, summarize_judge"),
+    "convert": ("llava_med.model.convert", "convert an original LLaVA-Med checkpoint to the transformers Llava format"),
 }
 
 

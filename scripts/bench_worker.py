@@ -1,13 +1,23 @@
-"""Batching benchmark: a real worker process, batching on vs ``--max-batch-size 1``, side by side in one run.
+"""Worker benchmark: real worker processes side by side in one run (hf batching vs batch=1, or --engine hf,vllm).
+
+By default the hf engine batching against ``--max-batch-size 1``; with ``--engine hf,vllm`` the engines on the same
+checkpoint.
 
 For each model (the tiny checkpoint, and the ~100M-parameter "small" one built by the same builder) and each
 mode, a worker is started (``--no-register``), then requests are sent straight to ``/worker_generate_stream`` at
-concurrency 1, 4 and 16: half of them with an image, each generating exactly ``--new-tokens`` tokens
-(``ignore_eos``). Reported: aggregate output tokens/s, time to first token p50/p95 (client side), and the worker's
-peak RSS. The table is printed and appended, with the date and machine, to benchmarks/RESULTS.md.
+concurrency 1, 4 and 16: half of them with an image (a different image for every request, so no vision or prefix
+cache helps), each generating exactly ``--new-tokens`` tokens (``ignore_eos``). Reported: aggregate output
+tokens/s and its ratio to the first mode, time to first token p50/p95 (client side), and the peak RSS of the
+worker's processes. The table is printed and appended, with the date and machine, to benchmarks/RESULTS.md.
 
-    python scripts/bench_worker.py                 # both models, writes benchmarks/RESULTS.md
+    python scripts/bench_worker.py                 # batching, both models, writes benchmarks/RESULTS.md
     python scripts/bench_worker.py --models tiny --no-write
+    python scripts/bench_worker.py --engine hf,vllm --models small    # vLLM runs from .venv-vllm
+    python scripts/bench_worker.py --engine hf,vllm --model-path /models/llava-med-v1.5-mistral-7b --dtype bfloat16
+
+vLLM workers run with ``--vllm-python`` (default: .venv-vllm/bin/python, see scripts/setup_vllm_env.sh), a KV
+cache of ``--kv-cache-memory`` and vLLM's defaults otherwise (torch.compile on CPUs, CUDA graphs on GPUs). The
+tiny checkpoint cannot run in vLLM on CPUs (16-dimensional attention heads; its CPU kernels take 32 and up).
 """
 
 from __future__ import annotations
@@ -22,7 +32,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -105,79 +115,142 @@ def _measure(url: str, concurrency: int, new_tokens: int, offset: int) -> tuple[
     return n, seconds, [r[0] for r in results], sum(r[1] for r in results)
 
 
-def _run_mode(model: str, ckpt: Path, mode: str, batch: int, concurrencies: list[int], new_tokens: int,
+@dataclass
+class Mode:
+    """One worker configuration of the comparison."""
+
+    label: str
+    engine: str
+    python: str
+    args: list[str] = field(default_factory=list)
+
+
+def _modes(args: argparse.Namespace) -> list[Mode]:
+    engines = [e.strip() for e in args.engine.split(",") if e.strip()]
+    if engines == ["hf"]:
+        return [Mode("batched", "hf", sys.executable, ["--max-batch-size", str(args.max_batch_size)]),
+                Mode("batch=1", "hf", sys.executable, ["--max-batch-size", "1"])]
+    modes = []
+    for engine in engines:
+        if engine == "hf":
+            modes.append(Mode("hf", "hf", sys.executable, ["--max-batch-size", str(args.max_batch_size)]))
+        elif engine == "vllm":
+            modes.append(Mode("vllm", "vllm", args.vllm_python, ["--kv-cache-memory", args.kv_cache_memory]))
+        else:
+            raise SystemExit(f"--engine: unknown engine {engine!r} (hf, vllm)")
+    return modes
+
+
+def _tree_peak_rss(pid: int) -> int | None:
+    """Sum of the peak RSS of a process and its descendants (vLLM runs its engine in child processes)."""
+    total, found, todo = 0, False, [pid]
+    while todo:
+        current = todo.pop()
+        rss = peak_rss_bytes(current)
+        if rss is not None:
+            total, found = total + rss, True
+        try:
+            for task in Path(f"/proc/{current}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return total if found else None
+
+
+def _run_mode(model: str, ckpt: Path, mode: Mode, concurrencies: list[int], new_tokens: int, dtype: str,
               log_dir: Path) -> list[Result]:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    argv = [sys.executable, "-m", "llava_med.serve.model_worker", "--host", "127.0.0.1", "--port", str(port),
-            "--worker-address", url, "--no-register", "--model-path", str(ckpt), "--model-name", "bench",
-            "--limit-model-concurrency", "64", "--max-batch-size", str(batch), "--log-level", "warning"]
-    proc = ManagedProcess(f"worker-{model}-{mode}", argv, log_dir / f"worker-{model}-{mode}.log",
-                          health_url=f"{url}/health")
+    argv = [mode.python, "-m", "llava_med.serve.model_worker", "--engine", mode.engine, "--host", "127.0.0.1",
+            "--port", str(port), "--worker-address", url, "--no-register", "--model-path", str(ckpt), "--model-name",
+            "bench", "--limit-model-concurrency", "64", "--dtype", dtype, "--log-level", "warning", *mode.args]
+    name = f"worker-{model}-{mode.label}".replace("=", "")
+    proc = ManagedProcess(name, argv, log_dir / f"{name}.log", health_url=f"{url}/health")
     proc.start()
     results = []
     try:
-        proc.wait_healthy(300)
+        proc.wait_healthy(900)
         _measure(url, 2, 4, offset=1000)  # warm-up: first-call costs stay out of the figures
         for c in concurrencies:
             n, seconds, ttft, tokens = _measure(url, c, new_tokens, offset=100 * c)
-            results.append(Result(model, mode, c, n, tokens, seconds, ttft, peak_rss_bytes(proc.pid)))
-            print(f"  {model:5s} {mode:8s} c={c:<3d} {tokens / seconds:8.1f} tok/s  ttft p50 "
+            results.append(Result(model, mode.label, c, n, tokens, seconds, ttft, _tree_peak_rss(proc.pid)))
+            print(f"  {model:5s} {mode.label:8s} c={c:<3d} {tokens / seconds:8.1f} tok/s  ttft p50 "
                   f"{results[-1].pct(0.5):.3f}s p95 {results[-1].pct(0.95):.3f}s", flush=True)
     finally:
         proc.stop()
     return results
 
 
-def _table(results: list[Result], concurrencies: list[int]) -> str:
+def _table(results: list[Result], concurrencies: list[int], modes: list[Mode]) -> str:
+    base = modes[0].label
     lines = [
-        "| model | concurrency | batched tok/s | batch=1 tok/s | speed-up | TTFT p50 / p95 batched (s) | "
-        "TTFT p50 / p95 batch=1 (s) | peak RSS batched / batch=1 (MiB) |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| model | concurrency | mode | tok/s | vs {base} | TTFT p50 / p95 (s) | peak RSS (MiB) |",
+        "|---|---|---|---|---|---|---|",
     ]
     by = {(r.model, r.mode, r.concurrency): r for r in results}
     for model in dict.fromkeys(r.model for r in results):
         for c in concurrencies:
-            b, s = by[(model, "batched", c)], by[(model, "batch1", c)]
-            rss = "/".join(f"{(x.rss or 0) / 2**20:.0f}" for x in (b, s))
-            lines.append(
-                f"| {model} | {c} | {b.tokens_per_s:.1f} | {s.tokens_per_s:.1f} | "
-                f"**{b.tokens_per_s / s.tokens_per_s:.2f}x** | {b.pct(0.5):.3f} / {b.pct(0.95):.3f} | "
-                f"{s.pct(0.5):.3f} / {s.pct(0.95):.3f} | {rss} |"
-            )
+            first = by[(model, base, c)]
+            for mode in modes:
+                r = by[(model, mode.label, c)]
+                rss = f"{r.rss / 2**20:.0f}" if r.rss else "?"
+                lines.append(
+                    f"| {model} | {c} | {mode.label} | {r.tokens_per_s:.1f} | "
+                    f"**{r.tokens_per_s / first.tokens_per_s:.2f}x** | {r.pct(0.5):.3f} / {r.pct(0.95):.3f} | {rss} |"
+                )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="tiny,small", help="comma-separated presets (tiny, small)")
+    parser.add_argument("--engine", default="hf",
+                        help="hf (batching vs batch=1, the default), or engines to compare, e.g. hf,vllm")
+    parser.add_argument("--models", default=None,
+                        help="comma-separated presets (tiny, small); default tiny,small, or small with vllm")
+    parser.add_argument("--model-path", default=None, help="a checkpoint folder instead of the presets")
     parser.add_argument("--concurrency", default="1,4,16")
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--max-batch-size", type=int, default=16, help="batch size of the 'batched' mode")
+    parser.add_argument("--max-batch-size", type=int, default=16, help="batch size of the hf engine")
+    parser.add_argument("--dtype", default="float32", help="every worker's --dtype (default float32)")
+    parser.add_argument("--vllm-python", default=str(ROOT / ".venv-vllm" / "bin" / "python"),
+                        help="python of the vLLM virtualenv (scripts/setup_vllm_env.sh)")
+    parser.add_argument("--kv-cache-memory", default="512MiB", help="vLLM's KV cache (default 512MiB)")
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"))
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args(argv)
     concurrencies = [int(c) for c in args.concurrency.split(",")]
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    modes = _modes(args)
+    uses_vllm = any(m.engine == "vllm" for m in modes)
+    if uses_vllm and not Path(args.vllm_python).exists():
+        raise SystemExit(f"{args.vllm_python} does not exist: create it with bash scripts/setup_vllm_env.sh")
+    if args.model_path:
+        checkpoints = {Path(args.model_path).name: Path(args.model_path)}
+    else:
+        names = args.models or ("small" if uses_vllm else "tiny,small")
+        models = [m.strip() for m in names.split(",") if m.strip()]
+        if uses_vllm and "tiny" in models:
+            raise SystemExit("the tiny checkpoint cannot run in vLLM on CPUs (16-dimensional attention heads); "
+                             "use --models small")
+        checkpoints = {m: ensure_checkpoint(m) for m in models}
     log_dir = Path(tempfile.mkdtemp(prefix="bench-worker-"))
     print(f"worker logs in {log_dir}", flush=True)
     results: list[Result] = []
     started = time.perf_counter()
-    for model in models:
-        ckpt = ensure_checkpoint(model)
-        for mode, batch in (("batched", args.max_batch_size), ("batch1", 1)):
-            results += _run_mode(model, ckpt, mode, batch, concurrencies, args.new_tokens, log_dir)
-    table = _table(results, concurrencies)
+    for model, ckpt in checkpoints.items():
+        for mode in modes:
+            results += _run_mode(model, ckpt, mode, concurrencies, args.new_tokens, args.dtype, log_dir)
+    table = _table(results, concurrencies, modes)
     import torch
 
+    command = " ".join(["python scripts/bench_worker.py", *(sys.argv[1:] if argv is None else argv)])
+    described = "; ".join(f"{m.label}: --engine {m.engine} {' '.join(m.args)}".rstrip() for m in modes)
     header = (
-        f"## Worker batching benchmark, {dt.datetime.now().strftime('%Y-%m-%d %H:%M')}\n\n"
-        f"`python scripts/bench_worker.py --models {','.join(models)} --concurrency {args.concurrency} "
-        f"--new-tokens {args.new_tokens}`; machine: {platform.machine()}, {os.cpu_count()} CPUs, "
+        f"## Worker benchmark ({', '.join(m.label for m in modes)}), {dt.datetime.now().strftime('%Y-%m-%d %H:%M')}\n\n"
+        f"`{command}`; machine: {platform.machine()}, {os.cpu_count()} CPUs, "
         f"{platform.system()} {platform.release()}, Python {platform.python_version()}, torch {torch.__version__}, "
-        f"device cpu. Requests go straight to one worker; half carry an image (576 image tokens); each generates "
-        f"{args.new_tokens} tokens. Batched: --max-batch-size {args.max_batch_size}. Run time "
-        f"{time.perf_counter() - started:.0f} s.\n"
+        f"device cpu, --dtype {args.dtype}. Requests go straight to one worker; half carry an image (576 image "
+        f"tokens, a different image each); each generates {args.new_tokens} tokens. Modes: {described}. "
+        f"Peak RSS sums the worker's processes. Run time {time.perf_counter() - started:.0f} s.\n"
     )
     print()
     print(header)

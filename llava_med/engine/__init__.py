@@ -2,5 +2,6 @@
 
 ``base`` holds the interface (:class:`~llava_med.engine.base.Engine`, :class:`~llava_med.engine.base.EngineRequest`,
 the output record), ``registry`` maps ``--engine`` names to engine classes. Backends: ``hf`` (transformers,
-continuous batching; the default) and ``fake`` (scripted text, for tests and demos).
+continuous batching; the default), ``vllm`` (vLLM's engine over a converted checkpoint) and ``fake`` (scripted
+text, for tests and demos).
 """

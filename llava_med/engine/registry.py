@@ -19,12 +19,14 @@ __all__ = ["DEFAULT_ENGINE", "ENGINES", "add_engine_args", "build_engine", "engi
 ENGINES: Mapping[str, str] = MappingProxyType({
     "hf": "llava_med.engine.hf:HFEngine",
     "fake": "llava_med.engine.fake:FakeEngine",
+    "vllm": "llava_med.engine.vllm:VLLMEngine",
 })
 
 #: What ``--engine`` defaults to: the transformers engine, which runs anywhere.
 DEFAULT_ENGINE = "hf"
 
-ENGINE_HELP = "hf: the transformers engine (default); fake: scripted text, for tests and demos"
+ENGINE_HELP = ("hf: the transformers engine (default); vllm: vLLM (GPUs; needs the vllm extra); fake: scripted "
+               "text, for tests and demos")
 
 
 def engine_names() -> list[str]:

@@ -174,6 +174,13 @@ class CheckpointTensors:
     def keys(self) -> list[str]:
         return list(self._key_to_file)
 
+    def files(self) -> dict[str, list[str]]:
+        """Weight file name -> its keys, in the index's order (for streaming a checkpoint file by file)."""
+        out: dict[str, list[str]] = {}
+        for key, fname in self._key_to_file.items():
+            out.setdefault(fname, []).append(key)
+        return out
+
     def load(self, keys: Iterable[str]) -> dict[str, torch.Tensor]:
         by_file: dict[str, list[str]] = {}
         for key in keys:
@@ -231,21 +238,31 @@ def _device_map(cfg: LoadConfig, device: str) -> tuple[Any, dict | None]:
     return {"": device}, None
 
 
-def _check_language_model_keys(info: Mapping[str, Any], tie_embeddings: bool) -> None:
-    missing = sorted(k for k in info.get("missing_keys", ()) if not (tie_embeddings and k == "lm_head.weight"))
-    unexpected = sorted(k for k in info.get("unexpected_keys", ()) if not k.startswith(_MULTIMODAL_PREFIXES))
-    mismatched = sorted(str(m) for m in info.get("mismatched_keys", ()))
+def weights_mismatch(what: str, *, missing: list[str] = (), unexpected: list[str] = (), wrong_shape: list[str] = (),
+                     errors: Any = None) -> CheckpointError | None:
+    """The error naming the weights that do not match ``what`` (None when everything matches)."""
     problems = []
     if missing:
-        problems.append(f"missing weights (would be random): {_short_list(missing)}")
+        problems.append(f"missing weights (would be random): {_short_list(sorted(missing))}")
     if unexpected:
-        problems.append(f"unexpected weights (not used by the model): {_short_list(unexpected)}")
-    if mismatched:
-        problems.append(f"weights with the wrong shape: {_short_list(mismatched)}")
-    if info.get("error_msgs"):
-        problems.append(f"errors: {info['error_msgs']}")
-    if problems:
-        raise CheckpointError("the checkpoint does not match the model: " + "; ".join(problems))
+        problems.append(f"unexpected weights (not used by the model): {_short_list(sorted(unexpected))}")
+    if wrong_shape:
+        problems.append(f"weights with the wrong shape: {_short_list(sorted(wrong_shape))}")
+    if errors:
+        problems.append(f"errors: {errors}")
+    return CheckpointError(f"{what}: " + "; ".join(problems)) if problems else None
+
+
+def _check_language_model_keys(info: Mapping[str, Any], tie_embeddings: bool) -> None:
+    error = weights_mismatch(
+        "the checkpoint does not match the model",
+        missing=[k for k in info.get("missing_keys", ()) if not (tie_embeddings and k == "lm_head.weight")],
+        unexpected=[k for k in info.get("unexpected_keys", ()) if not k.startswith(_MULTIMODAL_PREFIXES)],
+        wrong_shape=[str(m) for m in info.get("mismatched_keys", ())],
+        errors=info.get("error_msgs"),
+    )
+    if error is not None:
+        raise error
 
 
 def _short_list(keys: list[str], limit: int = 10) -> str:
@@ -253,10 +270,16 @@ def _short_list(keys: list[str], limit: int = 10) -> str:
     return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
-def _load_language_model(folder: Path, config: dict, cfg: LoadConfig, device: str, dtype: torch.dtype):
-    config_cls, model_cls = _text_model_classes(config.get("model_type", ""))
+def build_text_config(config: Mapping[str, Any]):
+    """The language model's transformers config (MistralConfig, LlamaConfig) from a LLaVA ``config.json``."""
+    config_cls, _ = _text_model_classes(config.get("model_type", ""))
     skip = {"model_type", "architectures", "_name_or_path", "transformers_version", "torch_dtype", "dtype"}
-    text_config = config_cls.from_dict({k: v for k, v in config.items() if k not in skip})
+    return config_cls.from_dict({k: v for k, v in config.items() if k not in skip})
+
+
+def _load_language_model(folder: Path, config: dict, cfg: LoadConfig, device: str, dtype: torch.dtype):
+    _, model_cls = _text_model_classes(config.get("model_type", ""))
+    text_config = build_text_config(config)
     device_map, max_memory = _device_map(cfg, device)
     quant = _quantization_config(cfg, dtype)
     kwargs: dict[str, Any] = {
@@ -344,8 +367,9 @@ def _image_processor_for(folder: Path | None, image_size: int):
     return make_clip_image_processor(image_size)
 
 
-def _load_vision_tower(folder: Path, config: dict, tensors: CheckpointTensors, cfg: LoadConfig):
-    """Returns ``(vision_model, image_processor, source_description)``."""
+def load_vision_tower(folder: Path, config: Mapping[str, Any], tensors: CheckpointTensors, cfg: LoadConfig):
+    """The checkpoint's CLIP vision tower (float32, on the CPU) from ``--vision-tower``, the embedded weights or
+    ``mm_vision_tower``, in that order. Returns ``(vision_model, image_processor, source_description)``."""
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
     mm_vision_tower = config.get("mm_vision_tower") or config.get("vision_tower")
@@ -451,7 +475,7 @@ def load_pretrained_model(cfg: LoadConfig) -> LoadedModel:
     language_model = _load_language_model(folder, config, cfg, device, dtype)
     language_model.eval()
     first_device = language_model.get_input_embeddings().weight.device
-    vision_tower, image_processor, vision_source = _load_vision_tower(folder, config, tensors, cfg)
+    vision_tower, image_processor, vision_source = load_vision_tower(folder, config, tensors, cfg)
     projector = _load_projector(config, tensors, language_model.config.hidden_size)
     # Vision tower and projector stay unquantised in the compute dtype, on the device of the text embeddings.
     vision_tower.to(device=first_device, dtype=dtype).eval()

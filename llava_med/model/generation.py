@@ -13,12 +13,18 @@ from dataclasses import dataclass
 
 import torch
 
-from llava_med.constants import IMAGE_TOKEN_INDEX
-from llava_med.errors import BadRequestError, ContextOverflowError
+from llava_med.errors import BadRequestError
 from llava_med.model.builder import LoadedModel
 from llava_med.images.decode import ImageLimits, load_image
 from llava_med.model.preprocess import normalize_aspect_mode, process_images
-from llava_med.model.prompting import check_image_count, stop_holdback, tokenizer_image_token, truncate_at_stop
+from llava_med.model.prompting import (
+    check_fits_context,
+    check_image_count,
+    prompt_positions,
+    stop_holdback,
+    tokenizer_image_token,
+    truncate_at_stop,
+)
 from llava_med.sampling import CHAT_DEFAULTS, GenerationOutput, SamplingParams
 
 class TokenSampler:
@@ -133,7 +139,7 @@ def check_prompt_chars(prompt: str, limit: int, context: int) -> None:
 
 def sequence_length(loaded: LoadedModel, input_ids: Sequence[int]) -> int:
     """Positions a tokenised prompt takes in the model: each image placeholder becomes its image's tokens."""
-    return len(input_ids) + input_ids.count(IMAGE_TOKEN_INDEX) * (loaded.model.num_image_tokens - 1)
+    return prompt_positions(input_ids, loaded.model.num_image_tokens)
 
 
 def prepare_prompt(
@@ -159,12 +165,7 @@ def prepare_prompt(
     input_ids = tokenizer_image_token(prompt, loaded.tokenizer)
     per_image = loaded.model.num_image_tokens
     num_tokens = sequence_length(loaded, input_ids)
-    context = loaded.context_len
-    if num_tokens >= context:
-        raise ContextOverflowError(
-            f"the prompt is {num_tokens} tokens ({len(images)} image(s) x {per_image} tokens included) but the "
-            f"model's context is {context} tokens; shorten the conversation or start a new one"
-        )
+    room = check_fits_context(num_tokens, len(images), per_image, loaded.context_len)
     pixel_values = None
     if images:
         mode = normalize_aspect_mode(image_mode, loaded.image_aspect_ratio)
@@ -174,7 +175,7 @@ def prepare_prompt(
         input_ids=input_ids,
         pixel_values=pixel_values,
         num_prompt_tokens=num_tokens,
-        room=context - num_tokens,
+        room=room,
     )
 
 

@@ -29,6 +29,7 @@ __all__ = [
     "make_clip_image_processor",
     "normalize_aspect_mode",
     "process_images",
+    "resize_for_vision_tower",
 ]
 
 #: Normalisation constants of OpenAI CLIP (identical to ``transformers.image_utils.OPENAI_CLIP_MEAN/STD``).
@@ -122,6 +123,29 @@ def _processor_output_size(image_processor: Any) -> tuple[int, int]:
     raise ValueError(f"cannot tell the output size of image processor {type(image_processor).__name__}")
 
 
+def _apply_aspect_mode(images: Sequence[Image.Image], image_processor: Any, aspect_mode: str) -> list[Image.Image]:
+    """RGB copies of ``images`` after the aspect step of ``aspect_mode`` (pad, resize or nothing for crop)."""
+    if aspect_mode is None or str(aspect_mode).strip().lower() in ("", "default"):
+        raise ValueError(
+            "process_images needs a concrete aspect mode; resolve 'Default' with normalize_aspect_mode(mode, "
+            "config_default) first"
+        )
+    mode = normalize_aspect_mode(aspect_mode, default=None)
+    height, width = _processor_output_size(image_processor)
+    prepared: list[Image.Image] = []
+    for index, img in enumerate(images):
+        if not isinstance(img, Image.Image):
+            raise ImageError(f"image {index} is a {type(img).__name__}, not a PIL image; decode it with load_image")
+        img = to_rgb(img, f"image {index}")
+        if mode == "pad":
+            background = tuple(int(x * 255) for x in image_processor.image_mean)
+            img = expand2square(img, background)  # type: ignore[arg-type]
+        elif mode == "resize":
+            img = img.resize((width, height), Image.Resampling.BICUBIC)
+        prepared.append(img)
+    return prepared
+
+
 def process_images(images: Sequence[Image.Image], image_processor: Any, aspect_mode: str) -> torch.Tensor:
     """Preprocess images for the vision tower; returns a float32 tensor of shape ``[N, 3, H, W]``.
 
@@ -136,28 +160,10 @@ def process_images(images: Sequence[Image.Image], image_processor: Any, aspect_m
     """
     import torch
 
-    if aspect_mode is None or str(aspect_mode).strip().lower() in ("", "default"):
-        raise ValueError(
-            "process_images needs a concrete aspect mode; resolve 'Default' with normalize_aspect_mode(mode, "
-            "config_default) first"
-        )
-    mode = normalize_aspect_mode(aspect_mode, default=None)
-    height, width = _processor_output_size(image_processor)
-    if len(images) == 0:
+    prepared = _apply_aspect_mode(images, image_processor, aspect_mode)
+    if not prepared:
+        height, width = _processor_output_size(image_processor)
         return torch.empty((0, 3, height, width), dtype=torch.float32)
-
-    prepared: list[Image.Image] = []
-    for index, img in enumerate(images):
-        if not isinstance(img, Image.Image):
-            raise ImageError(f"image {index} is a {type(img).__name__}, not a PIL image; decode it with load_image")
-        img = to_rgb(img, f"image {index}")
-        if mode == "pad":
-            background = tuple(int(x * 255) for x in image_processor.image_mean)
-            img = expand2square(img, background)  # type: ignore[arg-type]
-        elif mode == "resize":
-            img = img.resize((width, height), Image.Resampling.BICUBIC)
-        prepared.append(img)
-
     pixel_values = image_processor(images=prepared, return_tensors="pt")["pixel_values"]
     if isinstance(pixel_values, (list, tuple)):
         pixel_values = torch.stack([torch.as_tensor(p) for p in pixel_values])
@@ -168,6 +174,26 @@ def process_images(images: Sequence[Image.Image], image_processor: Any, aspect_m
             f"[{len(prepared)}, 3, H, W]"
         )
     return pixel_values
+
+
+def resize_for_vision_tower(images: Sequence[Image.Image], image_processor: Any, aspect_mode: str
+                            ) -> list[Image.Image]:
+    """The images :func:`process_images` would feed the vision tower, as 8-bit RGB images of the tower's size
+    (aspect step, then the processor's own resize and crop; no rescaling or normalisation).
+
+    For an engine that runs the CLIP processor itself (vLLM): on these images its resize and crop change nothing,
+    whichever backend (PIL or torchvision) it uses, so its pixels are those of :func:`process_images`.
+    """
+    prepared = _apply_aspect_mode(images, image_processor, aspect_mode)
+    if not prepared:
+        return []
+    pixels = image_processor(images=prepared, do_rescale=False, do_normalize=False,
+                             return_tensors="np")["pixel_values"]
+    out = []
+    for array in pixels:  # [3, H, W] floats holding the 8-bit values of the resized, cropped image
+        hwc = np.clip(np.rint(np.asarray(array, dtype=np.float32)), 0, 255).astype(np.uint8).transpose(1, 2, 0)
+        out.append(Image.fromarray(np.ascontiguousarray(hwc), "RGB"))
+    return out
 
 
 def make_clip_image_processor(

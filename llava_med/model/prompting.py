@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from llava_med.constants import DEFAULT_IMAGE_TOKEN, IMAGE_TOKEN_INDEX
-from llava_med.errors import ImageCountMismatchError
+from llava_med.errors import ContextOverflowError, ImageCountMismatchError
 
 
 def tokenizer_image_token(prompt: str, tokenizer, image_token_index: int = IMAGE_TOKEN_INDEX) -> list[int]:
@@ -27,6 +27,23 @@ def tokenizer_image_token(prompt: str, tokenizer, image_token_index: int = IMAGE
             input_ids.extend(separator[offset:])
         input_ids.extend(chunk[offset:])
     return input_ids
+
+
+def prompt_positions(input_ids: Sequence[int], tokens_per_image: int,
+                     image_token_index: int = IMAGE_TOKEN_INDEX) -> int:
+    """Positions a tokenised prompt takes in the model: each image placeholder becomes its image's tokens."""
+    return len(input_ids) + list(input_ids).count(image_token_index) * (tokens_per_image - 1)
+
+
+def check_fits_context(num_tokens: int, num_images: int, tokens_per_image: int, context: int) -> int:
+    """Raise :class:`ContextOverflowError` unless a prompt of ``num_tokens`` positions leaves room for at least one
+    new token in a ``context`` of that many tokens; returns the room left."""
+    if num_tokens >= context:
+        raise ContextOverflowError(
+            f"the prompt is {num_tokens} tokens ({num_images} image(s) x {tokens_per_image} tokens included) but "
+            f"the model's context is {context} tokens; shorten the conversation or start a new one"
+        )
+    return context - num_tokens
 
 
 def count_image_tags(prompt: str) -> int:

@@ -26,14 +26,14 @@ import logging
 import math
 import os
 import random
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 
 import torch
 from safetensors.torch import save_file
+
+from llava_med.model.cache import build_once
 
 logger = logging.getLogger(__name__)
 
@@ -429,24 +429,13 @@ def ensure_checkpoint(preset: str = "tiny", seed: int = 0, cache_dir: str | os.P
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     base = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     final_root = base / f"v{FORMAT_VERSION}-{preset}-seed{seed}"
-    ckpt = final_root / checkpoint_dir_name(preset)
-    if (ckpt / "config.json").is_file():
-        return ckpt
-    base.mkdir(parents=True, exist_ok=True)
-    tmp_root = Path(tempfile.mkdtemp(prefix=f".build-{preset}-", dir=base))
-    try:
+
+    def build(folder: Path) -> None:
         logger.info("building the %s random checkpoint (seed %d) in %s", preset, seed, final_root)
-        write_checkpoint(tmp_root, preset, seed)
-        try:
-            os.rename(tmp_root, final_root)
-        except OSError:
-            if not (ckpt / "config.json").is_file():
-                raise
-            logger.debug("another process built %s first", final_root)
-    finally:
-        if tmp_root.exists():
-            shutil.rmtree(tmp_root, ignore_errors=True)
-    return ckpt
+        write_checkpoint(folder, preset, seed)
+
+    build_once(final_root, f"{checkpoint_dir_name(preset)}/config.json", build)
+    return final_root / checkpoint_dir_name(preset)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -353,7 +353,7 @@ class Stack:
                 if self.config.engine == "fake":
                     extra = "  fake engine (scripted answers)"
                 else:
-                    extra = f"  model {child.spec.model_path or 'embedded tiny checkpoint (random weights)'}"
+                    extra = f"  model {child.spec.model_path or 'embedded test checkpoint (random weights)'}"
                 if child.spec.gpu is not None:
                     extra += f", CUDA_VISIBLE_DEVICES={child.spec.gpu}"
             label = {"controller": "controller", "worker": child.name, "web": "web UI",

@@ -45,6 +45,7 @@ from llava_med.model.preprocess import (
     make_clip_image_processor,
     normalize_aspect_mode,
     process_images,
+    resize_for_vision_tower,
 )
 
 pydicom = pytest.importorskip("pydicom")
@@ -704,6 +705,18 @@ def test_process_images_shapes(processor_336: object) -> None:
         assert out.shape == (2, 3, 336, 336) and out.dtype.is_floating_point
         assert str(out.dtype) == "torch.float32"
     assert process_images([], processor_336, "pad").shape == (0, 3, 336, 336)
+
+
+def test_resize_for_vision_tower_gives_process_images_pixels(processor_336: object) -> None:
+    """The 8-bit images an engine with its own CLIP processor (vLLM) gets: already at the tower's size, so that
+    processor's resize and crop change nothing and the pixels are exactly process_images'."""
+    images = [_pattern(200, 100), _pattern(60, 90), _pattern(336, 336)]
+    for mode in ASPECT_MODES:
+        resized = resize_for_vision_tower(images, processor_336, mode)
+        assert [im.size for im in resized] == [(336, 336)] * 3 and {im.mode for im in resized} == {"RGB"}
+        again = process_images(resized, processor_336, "crop")
+        assert (again - process_images(images, processor_336, mode)).abs().max().item() == 0.0
+    assert resize_for_vision_tower([], processor_336, "pad") == []
 
 
 def test_process_images_modes_differ_as_expected(processor_small: object) -> None:
