@@ -20,6 +20,7 @@ from llava_med.model.preprocess import normalize_aspect_mode, process_images
 from llava_med.model.prompting import (
     check_fits_context,
     check_image_count,
+    check_prompt_chars,
     prompt_positions,
     stop_holdback,
     tokenizer_image_token,
@@ -126,15 +127,6 @@ def max_prompt_chars(loaded: LoadedModel) -> int:
         longest = max((len(piece) for piece in loaded.tokenizer.get_vocab()), default=16)
         limit = loaded.extra["max_prompt_chars"] = loaded.context_len * max(longest, 1)
     return limit
-
-
-def check_prompt_chars(prompt: str, limit: int, context: int) -> None:
-    """Refuse a prompt longer than ``limit`` characters before tokenising it (a 30 MB prompt costs nothing)."""
-    if len(prompt) > limit:
-        raise ContextOverflowError(
-            f"the prompt has {len(prompt)} characters, more than can fit in the model's context of {context} tokens "
-            f"(at most {limit} characters); shorten the conversation or start a new one"
-        )
 
 
 def sequence_length(loaded: LoadedModel, input_ids: Sequence[int]) -> int:

@@ -46,6 +46,15 @@ def check_fits_context(num_tokens: int, num_images: int, tokens_per_image: int, 
     return context - num_tokens
 
 
+def check_prompt_chars(prompt: str, limit: int, context: int) -> None:
+    """Refuse a prompt longer than ``limit`` characters before tokenising it (a 30 MB prompt costs nothing)."""
+    if len(prompt) > limit:
+        raise ContextOverflowError(
+            f"the prompt has {len(prompt)} characters, more than can fit in the model's context of {context} tokens "
+            f"(at most {limit} characters); shorten the conversation or start a new one"
+        )
+
+
 def count_image_tags(prompt: str) -> int:
     return prompt.count(DEFAULT_IMAGE_TOKEN)
 

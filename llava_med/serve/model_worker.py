@@ -40,7 +40,8 @@ from llava_med.constants import (
 from llava_med.conversation import stop_str_for
 from llava_med.engine.base import Engine, EngineRequest, GenerationOutput
 from llava_med.engine.registry import add_engine_args, build_engine
-from llava_med.errors import ContextOverflowError, LlavaMedError
+from llava_med.errors import LlavaMedError
+from llava_med.model.prompting import check_prompt_chars
 from llava_med.model.args import add_model_args
 from llava_med.serve import _http
 from llava_med.serve.protocol import (
@@ -280,13 +281,7 @@ class ModelWorker:
     # ------------------------------------------------------------------------------------------------ generation
     def check_prompt(self, prompt: str) -> None:
         """Refuse a prompt longer than the context can hold, by its characters, before anything is tokenised."""
-        limit = self.engine.max_prompt_chars
-        if len(prompt) > limit:
-            raise ContextOverflowError(
-                f"the prompt has {len(prompt)} characters, more than can fit in the context of "
-                f"{self.engine.context_length} tokens (at most {limit} characters); shorten it or start a new "
-                "conversation"
-            )
+        check_prompt_chars(prompt, self.engine.max_prompt_chars, self.engine.context_length)
 
     def engine_request(self, request: GenerateRequest) -> EngineRequest:
         """The wire request as the engine takes it: the model name checked (when the request names one), the prompt
