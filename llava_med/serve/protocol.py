@@ -46,6 +46,7 @@ __all__ = [
     "default_auth_token",
     "auth_headers",
     "WireModel",
+    "KVCacheStatus",
     "WorkerStatus",
     "RegisterWorkerRequest",
     "RegisterWorkerResponse",
@@ -103,12 +104,26 @@ class WireModel(BaseModel):
 # Controller <-> worker
 
 
+class KVCacheStatus(WireModel):
+    """A worker's KV cache (engines that have one): ``slots`` requests fit at once, each with room for
+    ``slot_tokens``; ``slots_used`` and ``tokens_used`` are taken now; ``bytes`` were allocated at start."""
+
+    slots: int = Field(ge=0)
+    slots_used: int = Field(ge=0)
+    slot_tokens: int = Field(ge=0)
+    tokens_used: int = Field(ge=0)
+    bytes: int = Field(ge=0)
+
+
 class WorkerStatus(WireModel):
-    """What ``/worker_get_status`` answers (a worker for itself, a controller for all its workers)."""
+    """What ``/worker_get_status`` answers (a worker for itself, a controller for all its workers).
+
+    ``kv_cache`` is new and optional (left out when absent), so original clients see the original three fields."""
 
     model_names: list[str]
     speed: float = Field(default=1, ge=0)
     queue_length: int = Field(default=0, ge=0)
+    kv_cache: KVCacheStatus | None = Field(default=None, exclude_if=lambda value: value is None)
 
 
 class RegisterWorkerRequest(WireModel):
