@@ -214,6 +214,10 @@ class HFEngine(Engine):
         from llava_med.model.batching import KVPool, PoolLayout, pool_slots
 
         layout = PoolLayout.of(self.loaded.model, self.loaded.context_len)
+        if any(device.type == "cuda" for device in layout.devices):
+            import torch
+
+            torch.cuda.empty_cache()  # blocks cached while loading count as free memory for the pool
         slots, reason = pool_slots(layout, max_slots=self.batching.max_batch_size,
                                    memory=self.batching.kv_cache_memory, fraction=self.batching.kv_cache_fraction)
         pool = KVPool(layout, slots)
