@@ -169,7 +169,7 @@ def check_host_syncs(report: Report, loaded, device: str) -> None:
     tokens = sample_tokens(prefilled.logits, samplers, plan).tolist()
 
     def sample(logits):  # what the engine does before its one copy
-        return torch.stack([sample_tokens(logits, samplers, plan), torch.isfinite(logits).all(dim=-1).long()])
+        return sample_tokens(logits, samplers, plan).masked_fill(~torch.isfinite(logits).all(dim=-1), -1)
 
     error = None
     for _ in range(4):
@@ -182,7 +182,7 @@ def check_host_syncs(report: Report, loaded, device: str) -> None:
             break
         finally:
             torch.cuda.set_sync_debug_mode("default")
-        tokens = out[0].tolist()
+        tokens = out.tolist()
     report.add("host syncs", error is None,
                "4 decode steps of ragged greedy/sampled/top-p rows ran with set_sync_debug_mode('error')"
                if error is None else f"a decode step synchronised: {error}")

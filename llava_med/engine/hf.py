@@ -400,22 +400,21 @@ class HFEngine(Engine):
             return
         rows = [self._running[rid] for rid in batch.row_ids]
         try:
-            tokens, finite = batch.step([r.state.last_token for r in rows], lambda logits: self._sample(logits, rows))
+            tokens = batch.step([r.state.last_token for r in rows], lambda logits: self._sample(logits, rows))
         except Exception as exc:
             self._step_failed(batch, rows, exc)
             return
         self.stats.steps += 1
-        self._take_tokens(batch, rows, tokens, finite)
+        self._take_tokens(batch, rows, tokens)
 
-    def _take_tokens(self, batch: DecodeBatch, reqs: list[_Request], tokens: list[int], finite: list[bool],
-                     prefilled=None) -> None:
-        """Hand each request its sampled token; requests that end leave the batch (after a prefill: the others
-        join it)."""
+    def _take_tokens(self, batch: DecodeBatch, reqs: list[_Request], tokens: list[int], prefilled=None) -> None:
+        """Hand each request its sampled token (-1: its logits were not finite); requests that end leave the batch
+        (after a prefill: the others join it)."""
         keep, done = [], []
-        for j, (req, token, ok) in enumerate(zip(reqs, tokens, finite, strict=True)):
+        for j, (req, token) in enumerate(zip(reqs, tokens, strict=True)):
             if prefilled is None:
                 req.steps += 1
-            if not ok:
+            if token < 0:
                 self._fail(req, LlavaMedError("the model produced non-finite logits (NaN or inf) for this request"))
                 done.append(req.rid)
             elif req.state.accept(token):
@@ -429,8 +428,9 @@ class HFEngine(Engine):
         else:
             batch.add([r.rid for r in reqs], prefilled, keep)
 
-    def _sample(self, logits: torch.Tensor, reqs: list[_Request]) -> tuple[list[int], list[bool]]:
-        """Every row's next token, sampled on the logits' device; the one copy to the host of a step."""
+    def _sample(self, logits: torch.Tensor, reqs: list[_Request]) -> list[int]:
+        """Every row's next token, sampled on the logits' device, -1 for rows whose logits are not finite: the one
+        copy to the host of a step."""
         import torch
 
         from llava_med.model.generation import SamplingPlan, sample_tokens
@@ -439,8 +439,7 @@ class HFEngine(Engine):
         if self._plan is None or self._plan[0] != key or self._plan[1].device != logits.device:
             self._plan = (key, SamplingPlan([r.state.sampler for r in reqs], logits.device))
         tokens = sample_tokens(logits, [r.state.sampler for r in reqs], self._plan[1])
-        host = torch.stack([tokens, torch.isfinite(logits).all(dim=-1).long()]).tolist()
-        return host[0], [bool(x) for x in host[1]]
+        return tokens.masked_fill(~torch.isfinite(logits).all(dim=-1), -1).tolist()
 
     def _step_failed(self, batch: DecodeBatch, rows: list[_Request], exc: Exception) -> None:
         """Out of memory: the newest request fails and the others go on (the step runs again next iteration). Any
@@ -479,7 +478,7 @@ class HFEngine(Engine):
     def _prefill_group(self, batch: DecodeBatch, reqs: list[_Request], embeds: list[torch.Tensor]) -> None:
         try:
             prefilled = batch.prefill(embeds)
-            tokens, finite = self._sample(prefilled.logits, reqs)
+            tokens = self._sample(prefilled.logits, reqs)
         except Exception as exc:
             if is_out_of_memory(exc) and len(reqs) > 1:  # together they did not fit: try each alone
                 logger.warning("out of memory prefilling %d requests together: prefilling them one by one",
@@ -498,7 +497,7 @@ class HFEngine(Engine):
             return
         self.stats.prefills += len(reqs)
         self.stats.prefill_calls += 1
-        self._take_tokens(batch, reqs, tokens, finite, prefilled)
+        self._take_tokens(batch, reqs, tokens, prefilled)
 
     def _embed(self, reqs: list[_Request]) -> list[torch.Tensor]:
         """Prompt embeddings of each request; images not in the feature cache go through CLIP in one call."""

@@ -1,8 +1,13 @@
 """Request preparation, sampling, incremental detokenisation and single-request streaming generation.
 
-The pieces (``prepare_prompt``, ``TokenSampler``, ``TextAssembler``, ``SequenceState``) are what every caller
-uses: the CLI through :func:`generate_stream`, and the worker's batching engine step by step. Sampling settings
-are :class:`llava_med.sampling.SamplingParams`.
+The pieces (``prepare_prompt``, ``TokenSampler`` and :func:`sample_tokens`, ``TextAssembler``, ``SequenceState``)
+are what every caller uses: the CLI through :func:`generate_stream`, and the worker's batching engine step by step.
+Sampling settings are :class:`llava_med.sampling.SamplingParams`.
+
+Sampling runs on the device of the logits, for all rows of a batch at once, with a seeded generator per request:
+a seeded request draws the same tokens alone or in a batch, and on a CPU the same tokens as the row-by-row
+``torch.multinomial`` sampler this replaced. Batched and single runs agree exactly in fp32; in bf16 or fp16 the other
+rows of a batch change kernel shapes and rounding, so a row may part from its single run after a few tokens.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from llava_med.images.decode import ImageLimits, load_image
 from llava_med.model.preprocess import normalize_aspect_mode, process_images
 from llava_med.model.prompting import check_image_count, stop_holdback, tokenizer_image_token, truncate_at_stop
 from llava_med.sampling import CHAT_DEFAULTS, GenerationOutput, SamplingParams
+
 
 class TokenSampler:
     """The sampling state of one request: its settings and its own seeded generator.

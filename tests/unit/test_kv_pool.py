@@ -4,6 +4,7 @@ row-by-row sampler it replaced."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 
 import pytest
@@ -139,24 +140,53 @@ class _HostReads(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("lengths", [(4, 9, 6), (5, 5, 5)], ids=["ragged-rows", "equal-rows"])
-def test_a_decode_step_reads_the_device_once(tiny_loaded, lengths):
-    """The decode loop of the engine: the model step (with the 4-D mask for ragged rows, without a mask for equal
-    ones), vectorised sampling of greedy, plain and top-p rows, then the one copy of the tokens. Nothing else may
-    read device memory (transformers' own mask code would: it checks whether the 2-D mask is all ones)."""
-    batch = DecodeBatch(tiny_loaded.model, _pool(tiny_loaded, 4))
-    params = [SamplingParams(temperature=0), SamplingParams(temperature=0.8, seed=1),
-              SamplingParams(temperature=0.7, top_p=0.9, seed=2)]
-    samplers = [TokenSampler(p) for p in params]
-    prefilled = batch.prefill([_embeds(tiny_loaded, n, i) for i, n in enumerate(lengths)])
-    batch.add([0, 1, 2], prefilled)
-    tokens = sample_tokens(prefilled.logits, samplers).tolist()
-    plan = SamplingPlan(samplers, tiny_loaded.model.device)
-    for _ in range(3):
-        with _HostReads() as mode:
-            sampled = batch.step(tokens, lambda logits: sample_tokens(logits, samplers, plan))
-            tokens = sampled.tolist()  # the step's one copy to the host
-        assert mode.reads == ["tolist"]
+@pytest.mark.parametrize("prompts", [("[INST] hi [/INST]", "[INST] Is the heart enlarged at all? [/INST]",
+                                      "[INST] Describe it. [/INST]"),
+                                     ("[INST] Case 1. [/INST]", "[INST] Case 2. [/INST]", "[INST] Case 3. [/INST]")],
+                         ids=["ragged-rows", "equal-rows"])
+def test_an_engine_decode_step_reads_the_device_once(tiny_loaded, prompts):
+    """The engine's decode steps (with the 4-D mask for ragged rows, without a mask for equal ones; greedy, plain and
+    top-p rows sampled together): the one copy of the sampled tokens is the only read of device memory (on a GPU,
+    the only sync). transformers' own mask code would read: it checks whether a 2-D mask is all ones."""
+    from llava_med.engine.base import EngineRequest
+    from llava_med.engine.hf import BatchingConfig, HFEngine
+    from llava_med.model.args import LoadConfig
+
+    kinds = [dict(temperature=0), dict(temperature=0.8, seed=1), dict(temperature=0.7, top_p=0.9, seed=2)]
+    reqs = [EngineRequest(p, (), SamplingParams(max_new_tokens=12, ignore_eos=True, **k)) for p, k in zip(prompts, kinds)]
+    reads: list[list[str]] = []
+    lengths: list[tuple[int, ...]] = []
+
+    async def main():
+        engine = HFEngine(LoadConfig(), loaded=tiny_loaded, batching=BatchingConfig(stream_min_interval=0))
+        await engine.start()
+        original_step, original_take = engine._step, engine._take_admissible
+
+        def take(running):  # admit the three together
+            return original_take(running) if len(engine._waiting) == 3 or engine._running else []
+
+        def step(batch, admitted):
+            if admitted or not len(batch):
+                return original_step(batch, admitted)
+            lengths.append(tuple(batch.lengths))
+            with _HostReads() as mode:
+                original_step(batch, admitted)
+            reads.append(mode.reads)
+
+        engine._step, engine._take_admissible = step, take
+        try:
+            async def run(req):
+                return [o async for o in engine.generate_stream(req)]
+
+            return await asyncio.wait_for(asyncio.gather(*[run(r) for r in reqs]), 60)
+        finally:
+            await engine.shutdown()
+
+    results = asyncio.run(main())
+    assert all(r[-1].num_generated_tokens == 12 for r in results)
+    # 12 tokens: one from the prefill, one from the step of the same iteration, then 10 decode-only iterations.
+    assert len(reads) == 10 and all(r == ["tolist"] for r in reads), reads
+    assert (len(set(lengths[0])) > 1) == (prompts[0] == "[INST] hi [/INST]")
 
 
 def _old_sampler(params: SamplingParams, generator: torch.Generator, logits: torch.Tensor) -> int:
