@@ -1,7 +1,8 @@
 """Decode-loop benchmark of the transformers engine: this tree against another revision, side by side in one run.
 
 The engine is driven directly (no HTTP): for each batch size, that many text requests of equal length are submitted at
-once and decode ``--new-tokens`` tokens each (``ignore_eos``), greedy and with seeded top-p sampling. Each revision runs
+once and decode ``--new-tokens`` tokens each (``ignore_eos``), greedy and with seeded top-p sampling. Then sampling
+alone, at the chat defaults over a 32,000-word vocabulary (the tiny model's is 1,000), one step of each batch size. Each revision runs
 in its own process (its ``llava_med`` extracted with ``git archive``, first on ``PYTHONPATH``), alternating
 ``--repeats`` times so that both see the same machine; the median is reported. The table is printed and appended to
 benchmarks/RESULTS.md.
@@ -73,8 +74,35 @@ def measure(models: list[str], batches: list[int], new_tokens: int) -> list[dict
             return out
 
         rows += asyncio.run(main())
+    rows += [measure_sampler(batch) for batch in batches]
     print(f"llava_med from {Path(llava_med.__file__).parent}", file=sys.stderr)
     return rows
+
+
+def measure_sampler(batch: int, vocab: int = 32000, steps: int = 30) -> dict:
+    """Sampling alone, at the chat defaults (temperature 0.2, top-p 0.7) over LLaVA-Med's 32,000-word vocabulary:
+    the revision's batch sampler if it has one, else its row-by-row sampler."""
+    import torch
+
+    from llava_med.model import generation
+    from llava_med.sampling import CHAT_DEFAULTS
+
+    samplers = [generation.TokenSampler(CHAT_DEFAULTS.replace(seed=i)) for i in range(batch)]
+    logits = torch.randn(batch, vocab, generator=torch.Generator().manual_seed(0)) * 3
+    if hasattr(generation, "sample_tokens"):
+        plan = generation.SamplingPlan(samplers, logits.device)
+
+        def sample():
+            return generation.sample_tokens(logits, samplers, plan).tolist()
+    else:
+        def sample():
+            return [sampler(row) for sampler, row in zip(samplers, logits)]
+    sample()
+    start = time.perf_counter()
+    for _ in range(steps):
+        sample()
+    return {"model": f"sampler alone, vocabulary {vocab}", "mode": "top-p 0.7", "batch": batch,
+            "seconds": time.perf_counter() - start, "steps": steps, "tokens": batch * steps}
 
 
 def _extract(revision: str, into: Path) -> Path:
@@ -151,8 +179,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.new_tokens} --repeats {args.repeats}` at {head}{' + uncommitted changes' if dirty else ''}; "
         f"machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, torch "
         f"{torch.__version__}, device cpu, fp32. The engine driven directly (no HTTP): per batch size, that many text "
-        f"requests of equal length submitted at once, {args.new_tokens} new tokens each; median of {args.repeats} "
-        f"alternating runs per revision; ratio > 1 means this tree is faster. Run time "
+        f"requests of equal length submitted at once, {args.new_tokens} new tokens each; then sampling alone (chat "
+        f"defaults, 32,000 words; ms/step is per sampled batch); median of {args.repeats} alternating runs per "
+        f"revision; ratio > 1 means this tree is faster. Run time "
         f"{time.perf_counter() - started:.0f} s.\n"
     )
     print()
