@@ -8,7 +8,7 @@ in its own process (its ``llava_med`` extracted with ``git archive``, first on `
 benchmarks/RESULTS.md.
 
     python scripts/bench_decode.py                          # this tree vs the merge base with main, tiny model
-    python scripts/bench_decode.py --baseline HEAD~3 --models tiny,small --no-write
+    python scripts/bench_decode.py --baseline HEAD~3 --models tiny,small --threads 1 --no-write
 """
 
 from __future__ import annotations
@@ -30,8 +30,10 @@ ROOT = Path(__file__).resolve().parent.parent
 MODES = {"greedy": {"temperature": 0.0}, "top-p": {"temperature": 0.7, "top_p": 0.9}}
 
 
-def measure(models: list[str], batches: list[int], new_tokens: int) -> list[dict]:
+def measure(models: list[str], batches: list[int], new_tokens: int, threads: int | None) -> list[dict]:
     """Run in a child process whose ``llava_med`` is the revision under test."""
+    import torch
+
     import llava_med
     from llava_med.engine.base import EngineRequest
     from llava_med.engine.hf import BatchingConfig, HFEngine
@@ -39,6 +41,8 @@ def measure(models: list[str], batches: list[int], new_tokens: int) -> list[dict
     from llava_med.model.tiny import ensure_checkpoint
     from llava_med.sampling import SamplingParams
 
+    if threads:
+        torch.set_num_threads(threads)
     rows = []
     for model in models:
         config = LoadConfig(model_path=str(ensure_checkpoint(model)), dtype="float32")
@@ -116,7 +120,7 @@ def _extract(revision: str, into: Path) -> Path:
 def _child(source: Path, args: argparse.Namespace) -> list[dict]:
     env = dict(os.environ, PYTHONPATH=str(source))
     out = subprocess.run([sys.executable, __file__, "--child", "--models", args.models, "--batch", args.batch,
-                          "--new-tokens", str(args.new_tokens)], env=env, check=True, capture_output=True, text=True,
+                          "--new-tokens", str(args.new_tokens), "--threads", str(args.threads or 0)], env=env, check=True, capture_output=True, text=True,
                          timeout=1800)
     used = [line for line in out.stderr.splitlines() if line.startswith("llava_med from ")]
     if not used or Path(used[-1].removeprefix("llava_med from ")).parent != source:
@@ -132,6 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", default="1,16", help="batch sizes")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads in each run (default: torch's own; 1 keeps a busy shared machine from "
+                             "slowing multi-threaded operations down unevenly)")
     parser.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"))
     parser.add_argument("--no-write", action="store_true", help="print only")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -139,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     batches = [int(b) for b in args.batch.split(",")]
     if args.child:
-        print(json.dumps(measure(models, batches, args.new_tokens)))
+        print(json.dumps(measure(models, batches, args.new_tokens, args.threads or None)))
         return 0
 
     baseline = args.baseline or subprocess.run(["git", "-C", str(ROOT), "merge-base", "HEAD", "main"], check=True,
@@ -154,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     sources = {"baseline": _extract(baseline, tmp / "baseline"), "this": ROOT}
     runs: dict[str, list[list[dict]]] = {"baseline": [], "this": []}
     started = time.perf_counter()
+    load_before = os.getloadavg()[0]
     for r in range(args.repeats):
         for name, source in sources.items():  # alternate, so that both see the same machine
             runs[name].append(_child(source, args))
@@ -173,12 +181,14 @@ def main(argv: list[str] | None = None) -> int:
     table = "\n".join(lines)
     import torch
 
+    load = f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after"
     header = (
         f"## Decode loop, this tree vs {label}, {dt.datetime.now().strftime('%Y-%m-%d %H:%M')}\n\n"
         f"`python scripts/bench_decode.py --models {args.models} --batch {args.batch} --new-tokens "
         f"{args.new_tokens} --repeats {args.repeats}` at {head}{' + uncommitted changes' if dirty else ''}; "
         f"machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, torch "
-        f"{torch.__version__}, device cpu, fp32. The engine driven directly (no HTTP): per batch size, that many text "
+        f"{torch.__version__}, device cpu, fp32, {args.threads or torch.get_num_threads()} torch thread(s), {load}. "
+        f"The engine driven directly (no HTTP): per batch size, that many text "
         f"requests of equal length submitted at once, {args.new_tokens} new tokens each; then sampling alone (chat "
         f"defaults, 32,000 words; ms/step is per sampled batch); median of {args.repeats} alternating runs per "
         f"revision; ratio > 1 means this tree is faster. Run time "

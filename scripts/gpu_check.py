@@ -169,7 +169,7 @@ def check_host_syncs(report: Report, loaded, device: str) -> None:
     tokens = sample_tokens(prefilled.logits, samplers, plan).tolist()
 
     def sample(logits):  # what the engine does before its one copy
-        return sample_tokens(logits, samplers, plan).masked_fill(~torch.isfinite(logits).all(dim=-1), -1)
+        return torch.where(torch.isfinite(logits.sum(dim=-1)), sample_tokens(logits, samplers, plan), -1)
 
     error = None
     for _ in range(4):

@@ -267,7 +267,7 @@ class HFEngine(Engine):
                        loop, asyncio.Queue())
         with self._wakeup:
             if self._stopping:
-                raise EngineStoppedError("the engine is shutting down")
+                raise EngineStoppedError(self._fatal or "the engine is shutting down")
             self._waiting.append(req)
             self._wakeup.notify_all()
         finished = False
@@ -439,7 +439,8 @@ class HFEngine(Engine):
         if self._plan is None or self._plan[0] != key or self._plan[1].device != logits.device:
             self._plan = (key, SamplingPlan([r.state.sampler for r in reqs], logits.device))
         tokens = sample_tokens(logits, [r.state.sampler for r in reqs], self._plan[1])
-        return tokens.masked_fill(~torch.isfinite(logits).all(dim=-1), -1).tolist()
+        # A row holding a NaN or an infinity sums to one (real logits are far too small to overflow the sum).
+        return torch.where(torch.isfinite(logits.sum(dim=-1)), tokens, -1).tolist()
 
     def _step_failed(self, batch: DecodeBatch, rows: list[_Request], exc: Exception) -> None:
         """Out of memory: the newest request fails and the others go on (the step runs again next iteration). Any

@@ -91,7 +91,6 @@ def device_tensor(values: Sequence, device: torch.device | str, dtype: torch.dty
     return torch.tensor(values, dtype=dtype, device=device)
 
 
-@torch.inference_mode()
 def sample_tokens(logits: torch.Tensor, samplers: Sequence[TokenSampler],
                   plan: SamplingPlan | None = None) -> torch.Tensor:
     """The next token of every row of ``logits`` (``[B, V]``), as a ``[B]`` tensor on the logits' device.

@@ -23,7 +23,7 @@ import os
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError, field_validator, model_serializer
 
 from llava_med.constants import SERVER_ERROR_MSG, ErrorCode
 from llava_med.errors import BadRequestError
@@ -123,7 +123,14 @@ class WorkerStatus(WireModel):
     model_names: list[str]
     speed: float = Field(default=1, ge=0)
     queue_length: int = Field(default=0, ge=0)
-    kv_cache: KVCacheStatus | None = Field(default=None, exclude_if=lambda value: value is None)
+    kv_cache: KVCacheStatus | None = None
+
+    @model_serializer(mode="wrap")
+    def _leave_out_absent_kv_cache(self, handler: Any) -> Any:
+        data = handler(self)
+        if isinstance(data, dict) and data.get("kv_cache") is None:
+            data.pop("kv_cache", None)
+        return data
 
 
 class RegisterWorkerRequest(WireModel):
