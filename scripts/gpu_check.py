@@ -168,15 +168,12 @@ def check_host_syncs(report: Report, loaded, device: str) -> None:
     plan = SamplingPlan(samplers, prefilled.logits.device)
     tokens = sample_tokens(prefilled.logits, samplers, plan).tolist()
 
-    def sample(logits):  # what the engine does before its one copy
-        return torch.where(torch.isfinite(logits.sum(dim=-1)), sample_tokens(logits, samplers, plan), -1)
-
     error = None
     for _ in range(4):
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            out = batch.step(tokens, sample)
+            out = batch.step(tokens, lambda logits: sample_tokens(logits, samplers, plan))
         except RuntimeError as exc:
             error = str(exc).splitlines()[0]
             break

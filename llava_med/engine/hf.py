@@ -415,7 +415,9 @@ class HFEngine(Engine):
             if prefilled is None:
                 req.steps += 1
             if token < 0:
-                self._fail(req, LlavaMedError("the model produced non-finite logits (NaN or inf) for this request"))
+                from llava_med.model.generation import NonFiniteLogitsError
+
+                self._fail(req, NonFiniteLogitsError())
                 done.append(req.rid)
             elif req.state.accept(token):
                 self._post_progress(req)
@@ -429,18 +431,14 @@ class HFEngine(Engine):
             batch.add([r.rid for r in reqs], prefilled, keep)
 
     def _sample(self, logits: torch.Tensor, reqs: list[_Request]) -> list[int]:
-        """Every row's next token, sampled on the logits' device, -1 for rows whose logits are not finite: the one
+        """Every row's next token, sampled on the logits' device (-1 for rows whose logits are not finite): the one
         copy to the host of a step."""
-        import torch
-
         from llava_med.model.generation import SamplingPlan, sample_tokens
 
         key = tuple(r.rid for r in reqs)
         if self._plan is None or self._plan[0] != key or self._plan[1].device != logits.device:
             self._plan = (key, SamplingPlan([r.state.sampler for r in reqs], logits.device))
-        tokens = sample_tokens(logits, [r.state.sampler for r in reqs], self._plan[1])
-        # A row holding a NaN or an infinity sums to one (real logits are far too small to overflow the sum).
-        return torch.where(torch.isfinite(logits.sum(dim=-1)), tokens, -1).tolist()
+        return sample_tokens(logits, [r.state.sampler for r in reqs], self._plan[1]).tolist()
 
     def _step_failed(self, batch: DecodeBatch, rows: list[_Request], exc: Exception) -> None:
         """Out of memory: the newest request fails and the others go on (the step runs again next iteration). Any

@@ -263,6 +263,7 @@ class DecodeBatch:
 
     def __init__(self, model: LlavaMedForCausalLM, pool: KVPool) -> None:
         self.model = model
+        self.device = model.device  # where token ids and positions go (the embeddings' device)
         self.pool = pool
         self.cache = _pool_cache_class()(pool)
         self.row_ids: list[Hashable] = []
@@ -347,9 +348,8 @@ class DecodeBatch:
         kv_length = max(self.lengths) + 1
         if kv_length > self.pool.layout.slot_tokens:
             raise RuntimeError(f"a row would grow past its KV-cache slot ({self.pool.layout.slot_tokens} tokens)")
-        device = self.model.device
-        input_ids = device_tensor(tokens, device).unsqueeze(1)
-        positions = device_tensor(self.lengths, device)
+        input_ids = device_tensor(tokens, self.device).unsqueeze(1)
+        positions = device_tensor(self.lengths, self.device)
         uniform = min(self.lengths) == kv_length - 1
         mask = None if uniform else self._decode_mask(positions, kv_length)
         self.cache.for_decode(rows, positions, kv_length, kv_length - 1 if uniform else None)

@@ -19,12 +19,19 @@ from dataclasses import dataclass
 import torch
 
 from llava_med.constants import IMAGE_TOKEN_INDEX
-from llava_med.errors import BadRequestError, ContextOverflowError
+from llava_med.errors import BadRequestError, ContextOverflowError, LlavaMedError
 from llava_med.model.builder import LoadedModel
 from llava_med.images.decode import ImageLimits, load_image
 from llava_med.model.preprocess import normalize_aspect_mode, process_images
 from llava_med.model.prompting import check_image_count, stop_holdback, tokenizer_image_token, truncate_at_stop
 from llava_med.sampling import CHAT_DEFAULTS, GenerationOutput, SamplingParams
+
+
+class NonFiniteLogitsError(LlavaMedError):
+    """The model's logits for a request hold NaN or infinity: it cannot go on."""
+
+    def __init__(self, message: str = "the model produced non-finite logits (NaN or inf) for this request") -> None:
+        super().__init__(message)
 
 
 class TokenSampler:
@@ -47,7 +54,10 @@ class TokenSampler:
 
     def __call__(self, logits: torch.Tensor) -> int:
         """The next token from one row of logits ``[V]`` (copies it to the host: for single-request loops)."""
-        return int(sample_tokens(logits.reshape(1, -1), [self])[0])
+        token = int(sample_tokens(logits.reshape(1, -1), [self])[0])
+        if token < 0:
+            raise NonFiniteLogitsError()
+        return token
 
 
 class _RowGroup:
@@ -93,7 +103,8 @@ def device_tensor(values: Sequence, device: torch.device | str, dtype: torch.dty
 
 def sample_tokens(logits: torch.Tensor, samplers: Sequence[TokenSampler],
                   plan: SamplingPlan | None = None) -> torch.Tensor:
-    """The next token of every row of ``logits`` (``[B, V]``), as a ``[B]`` tensor on the logits' device.
+    """The next token of every row of ``logits`` (``[B, V]``), as a ``[B]`` tensor on the logits' device; ``-1``
+    for a row whose logits hold a NaN or ``+inf`` (or nothing but ``-inf``): such a row cannot be sampled.
 
     Greedy rows take the argmax. Sampling rows divide by their temperature, keep their top-p nucleus, and draw with
     their own generator exactly as ``torch.multinomial(probs, 1)`` does (``argmax(probs / q)`` with
@@ -101,7 +112,8 @@ def sample_tokens(logits: torch.Tensor, samplers: Sequence[TokenSampler],
     sampler did. Nothing waits for the device: the caller copies the result to the host once.
     """
     logits = logits.float()
-    tokens = logits.argmax(dim=-1)
+    tokens = logits.argmax(dim=-1)  # NaN counts as the largest value: a row with one has a NaN maximum
+    usable = torch.isfinite(logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1))
     plan = plan if plan is not None else SamplingPlan(samplers, logits.device)
     for group in plan.groups:
         probs = torch.softmax(logits[group.select] / group.temperature, dim=-1)
@@ -118,7 +130,7 @@ def sample_tokens(logits: torch.Tensor, samplers: Sequence[TokenSampler],
         if group.nucleus:
             choice = order.gather(-1, choice.unsqueeze(-1)).squeeze(-1)
         tokens[group.select] = choice
-    return tokens
+    return torch.where(usable, tokens, -1)
 
 
 class TextAssembler:

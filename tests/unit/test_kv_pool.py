@@ -225,6 +225,21 @@ def test_vectorised_sampling_draws_what_the_row_by_row_sampler_drew():
                      for k in range(5)]
 
 
+def test_rows_that_cannot_be_sampled_are_marked():
+    logits = torch.randn(5, 100, generator=torch.Generator().manual_seed(0))
+    logits[0, 7] = float("nan")
+    logits[1, 3] = float("inf")
+    logits[2] = float("-inf")
+    logits[3, :50] = float("-inf")  # masked words are fine: the row still has finite ones
+    for params in (SamplingParams(temperature=0), SamplingParams(temperature=0.7, top_p=0.9, seed=1)):
+        tokens = sample_tokens(logits, [TokenSampler(params) for _ in range(5)]).tolist()
+        assert tokens[:3] == [-1, -1, -1] and 50 <= tokens[3] < 100 and tokens[4] >= 0
+    from llava_med.model.generation import NonFiniteLogitsError
+
+    with pytest.raises(NonFiniteLogitsError, match="non-finite logits"):
+        TokenSampler(SamplingParams(temperature=0))(logits[0])
+
+
 def test_pool_size_from_memory_or_free_memory(tiny_loaded):
     layout = PoolLayout.of(tiny_loaded.model, 2048)
     # tiny: 2 layers x (K, V) x 2 heads x 16 dims x 4 bytes = 512 bytes per token, 1 MiB per slot of 2048 tokens.
