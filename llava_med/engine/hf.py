@@ -414,12 +414,18 @@ class HFEngine(Engine):
         for j, (req, token) in enumerate(zip(reqs, tokens, strict=True)):
             if prefilled is None:
                 req.steps += 1
-            if token < 0:
-                from llava_med.model.generation import NonFiniteLogitsError
+            try:
+                if token < 0:
+                    from llava_med.model.generation import NonFiniteLogitsError
 
-                self._fail(req, NonFiniteLogitsError())
+                    raise NonFiniteLogitsError()
+                going_on = req.state.accept(token)
+            except Exception as exc:  # this request fails, not the batch
+                logger.warning("request %d failed: %s", req.rid, exc)
+                self._fail(req, exc)
                 done.append(req.rid)
-            elif req.state.accept(token):
+                continue
+            if going_on:
                 self._post_progress(req)
                 keep.append(j)
             else:

@@ -64,10 +64,10 @@ def test_cuda_like_attention_breaks_left_padding_but_not_the_pool(tiny_loaded, m
     assert torch.isnan(old[0]).all(), "the emulation must reproduce the failure it guards against"
 
     batch = DecodeBatch(model, _pool(tiny_loaded))
+    batch.cache.for_prefill(0, 2)  # what DecodeBatch.prefill does, keeping the logits of every position
+    right_padded = torch.stack([torch.cat([short, short.new_zeros(39, short.shape[1])]), long])
     with torch.inference_mode():
-        every_position = model.logits(model.hidden_states(
-            inputs_embeds=torch.stack([torch.cat([short, short.new_zeros(39, short.shape[1])]), long]),
-            cache=(batch.cache.for_prefill(0, 2), batch.cache)[1]))
+        every_position = model.logits(model.hidden_states(inputs_embeds=right_padded, cache=batch.cache))
     assert torch.isfinite(every_position).all(), "right padding: every query row, pads included, sees a key"
 
     prefilled = batch.prefill([short, long])
