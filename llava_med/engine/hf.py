@@ -47,6 +47,7 @@ from llava_med.engine.hf_support import (
     deliver,
     is_out_of_memory,
     length_groups,
+    parse_size,
     pixel_key,
 )
 from llava_med.errors import LlavaMedError
@@ -161,7 +162,7 @@ class HFEngine(Engine):
         group.add_argument("--stream-min-interval", type=float, default=0.025,
                            help="seconds between two streamed updates of one request (0: every token); the text "
                                 "is cumulative, so nothing is lost")
-        group.add_argument("--kv-cache-memory", default=None, metavar="SIZE",
+        group.add_argument("--kv-cache-memory", type=parse_size, default=None, metavar="SIZE",
                            help="memory of the KV cache, allocated once at start (e.g. 6GiB); each request holds room "
                                 "for a whole context and waits for a free one (default: --kv-cache-fraction)")
         group.add_argument("--kv-cache-fraction", type=float, default=0.9,
@@ -171,11 +172,6 @@ class HFEngine(Engine):
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> HFEngine:
-        kv_cache_memory = None
-        if args.kv_cache_memory is not None:
-            from accelerate.utils import convert_file_size_to_int
-
-            kv_cache_memory = convert_file_size_to_int(args.kv_cache_memory)  # ValueError names the bad size
         batching = BatchingConfig(
             max_batch_size=args.max_batch_size,
             max_queue=args.max_queue,
@@ -183,7 +179,7 @@ class HFEngine(Engine):
             image_cache_size=args.image_cache_size,
             allow_image_urls=args.allow_image_urls,
             stream_min_interval=args.stream_min_interval,
-            kv_cache_memory=kv_cache_memory,
+            kv_cache_memory=args.kv_cache_memory,
             kv_cache_fraction=args.kv_cache_fraction,
         )
         return cls(load_config_from_args(args), model_name=args.model_name, conv_mode=args.conv_mode,

@@ -253,6 +253,22 @@ def test_pool_size_from_memory_or_free_memory(tiny_loaded):
     assert info.value.code == ErrorCode.OUT_OF_MEMORY
 
 
+def test_kv_cache_memory_flag_takes_sizes(capsys):
+    from llava_med.engine.hf import HFEngine
+    from llava_med.serve.launch import build_parser, config_from_args
+    from llava_med.serve.model_worker import parse_args
+
+    for text, size in (("6GiB", 6 * 2**30), ("512MiB", 512 * 2**20), ("8GB", 8 * 10**9), ("4096", 4096)):
+        args = parse_args(["--kv-cache-memory", text, "--kv-cache-fraction", "0.5"])
+        engine = HFEngine.from_args(args)
+        assert (engine.batching.kv_cache_memory, engine.batching.kv_cache_fraction) == (size, 0.5)
+    with pytest.raises(SystemExit):
+        parse_args(["--kv-cache-memory", "lots"])
+    assert "'lots' is not a size" in capsys.readouterr().err
+    launched = config_from_args(build_parser().parse_args(["--kv-cache-memory", "2GiB", "--device", "cpu"]))
+    assert parse_args(launched.worker_args).kv_cache_memory == 2 * 2**30  # passed on to every worker
+
+
 def test_a_pool_that_cannot_be_allocated_says_so(tiny_loaded, monkeypatch):
     def no_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
