@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     header = (
         f"## Decode loop, this tree vs {label}, {dt.datetime.now().strftime('%Y-%m-%d %H:%M')}\n\n"
         f"`python scripts/bench_decode.py --models {args.models} --batch {args.batch} --new-tokens "
-        f"{args.new_tokens} --repeats {args.repeats}` at {head}{' + uncommitted changes' if dirty else ''}; "
+        f"{args.new_tokens} --repeats {args.repeats}{f' --threads {args.threads}' if args.threads else ''}` at {head}{' + uncommitted changes' if dirty else ''}; "
         f"machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, torch "
         f"{torch.__version__}, device cpu, fp32, {args.threads or torch.get_num_threads()} torch thread(s), {load}. "
         f"The engine driven directly (no HTTP): per batch size, that many text "
