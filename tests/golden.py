@@ -75,7 +75,8 @@ def main() -> int:  # pragma: no cover - run by hand to (re)record
     group = ProcessGroup(Path(tempfile.mkdtemp(prefix="golden-")), env=FAST_HEARTBEAT_ENV)
     try:
         ctrl = group.start_controller()
-        tiny = group.start_worker(ctrl.url, "--stream-min-interval", "0", engine="hf", wait=False)
+        tiny = group.start_worker(ctrl.url, "--stream-min-interval", "0", "--dtype", "float32", engine="hf",
+                                  wait=False)
         fake = group.start_worker(None, "--fake-token-delay", "0", model_name=FAKE)
         tiny.wait_healthy(180)
         wait_until(lambda: requests.post(ctrl.url + "/list_models", timeout=5).json()["models"] == [TINY], 20)

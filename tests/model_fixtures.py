@@ -16,6 +16,7 @@ def tiny_checkpoint() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_loaded(tiny_checkpoint):
+    """The tiny checkpoint in fp32, whatever a device's default dtype: batched == alone is exact in fp32 only."""
     from llava_med.model.builder import LoadConfig, load_pretrained_model
 
-    return load_pretrained_model(LoadConfig(model_path=str(tiny_checkpoint)))
+    return load_pretrained_model(LoadConfig(model_path=str(tiny_checkpoint), dtype="float32"))

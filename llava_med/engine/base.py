@@ -112,6 +112,17 @@ class Engine(abc.ABC):
         """The engine's own figures for ``/metrics`` (running batch size, cache hits, ...); counters only grow."""
         return {}
 
+    @property
+    def health_error(self) -> str | None:
+        """Why the engine can no longer serve after it started (e.g. a GPU left unusable by a CUDA error); None
+        while it is healthy. The worker's ``/health`` then answers 503 with this text."""
+        return None
+
+    def kv_cache_status(self) -> dict[str, int] | None:
+        """Size and occupancy of the engine's KV cache (``/worker_get_status``: ``kv_cache``); None if it has none to
+        report."""
+        return None
+
     def count_tokens(self, prompt: str) -> int:
         """Number of prompt tokens (used by ``/count_token``); engines without a tokenizer may not override it."""
         raise NotImplementedError(f"{type(self).__name__} does not count tokens")

@@ -1,14 +1,22 @@
 """The transformers engine: one loaded LLaVA-Med model serving every request of a worker, batched per step.
 
-A scheduler thread owns the model. Each iteration it admits waiting requests (prefill: vision tower for images not
-seen before, projector, prompt; bounded by a prompt-token budget), then runs one decode step for the whole running
-batch (:class:`llava_med.model.batching.DecodeBatch`). A request joins the batch right after its prefill and leaves
-as soon as it finishes, is stopped or is cancelled; each row samples with its own temperature, top-p, seed and stop
-strings (:class:`llava_med.model.generation.SequenceState`). ``max_batch_size=1`` runs one request at a time.
+A scheduler thread owns the model. Each iteration it admits waiting requests while a KV-cache slot is free (prefill:
+vision tower for images not seen before, projector, prompt; bounded by a prompt-token budget), then runs one decode
+step for the whole running batch (:class:`llava_med.model.batching.DecodeBatch` over a
+:class:`~llava_med.model.batching.KVPool` allocated once at start). A request joins the batch right after its
+prefill and leaves as soon as it finishes, is stopped or is cancelled; each row samples with its own temperature,
+top-p, seed and stop strings, all rows at once on the device (:func:`llava_med.model.generation.sample_tokens`),
+and the step's tokens are the only thing copied back to the host. ``max_batch_size=1`` runs one request at a time.
 
 The event loop never waits on the model: requests are prepared (images decoded, prompt tokenised) in a worker
 thread, handed to the scheduler through a locked deque, and their outputs come back through
-``loop.call_soon_threadsafe``. An exception while prefilling a request fails that request only.
+``loop.call_soon_threadsafe``.
+
+Failures stay with the request that caused them: an exception while preparing or prefilling a request fails that
+request only; out of memory while prefilling several requests together retries them one by one, and out of memory
+in a decode step fails the newest request while the others go on. After any other device error the engine checks
+that the device still computes; a sticky CUDA error (illegal memory access, device-side assert) stops the engine,
+fails every request with the cause and turns ``/health`` unhealthy.
 
 torch and the model code are imported when the engine starts, so that declaring this engine's flags (every
 worker does, through the registry) costs nothing.
@@ -18,63 +26,44 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
 import itertools
 import logging
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from llava_med.constants import ErrorCode
 from llava_med.conversation import conv_mode_for_config
 from llava_med.engine.base import Engine, EngineRequest, GenerationOutput
+from llava_med.engine.hf_support import (
+    BatchingConfig,
+    EngineBusyError,
+    EngineStats,
+    EngineStoppedError,
+    FeatureCache,
+    deliver,
+    is_out_of_memory,
+    length_groups,
+    parse_size,
+    pixel_key,
+)
 from llava_med.errors import LlavaMedError
-from llava_med.images.decode import ImageLimits
 from llava_med.model.args import LoadConfig, load_config_from_args
 from llava_med.model.naming import model_name_from_path
 
 if TYPE_CHECKING:
     import torch
 
+    from llava_med.model.batching import DecodeBatch, KVPool
     from llava_med.model.builder import LoadedModel
-    from llava_med.model.generation import PreparedPrompt, SequenceState
+    from llava_med.model.generation import PreparedPrompt, SamplingPlan, SequenceState
+
+__all__ = ["BatchingConfig", "EngineBusyError", "EngineStoppedError", "HFEngine"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class BatchingConfig:
-    """Scheduler limits (worker flags ``--max-batch-size``, ``--max-queue``, ``--max-prefill-tokens``, ...)."""
-
-    max_batch_size: int = 16
-    max_queue: int = 256
-    max_prefill_tokens: int = 4096
-    image_cache_size: int = 64
-    allow_image_urls: bool = False
-    image_limits: ImageLimits = field(default_factory=ImageLimits)
-    # A request's text is handed to the worker at most this often (its first token and its end always at once):
-    # text is cumulative, so a reader loses nothing, and the event loop is not flooded with one chunk per token.
-    stream_min_interval: float = 0.025
-
-    def __post_init__(self) -> None:
-        if self.stream_min_interval < 0:
-            raise ValueError(f"stream_min_interval must be >= 0, got {self.stream_min_interval}")
-        for name in ("max_batch_size", "max_queue", "max_prefill_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.image_cache_size < 0:
-            raise ValueError(f"image_cache_size must be >= 0, got {self.image_cache_size}")
-
-
-class EngineBusyError(LlavaMedError):
-    code = ErrorCode.ENGINE_OVERLOADED
-
-
-class EngineStoppedError(LlavaMedError):
-    code = ErrorCode.INTERNAL_ERROR
 
 
 @dataclass
@@ -88,76 +77,6 @@ class _Request:
     cancelled: bool = False
     steps: int = 0  # decode steps this request took part in
     last_post: float = float("-inf")  # monotonic time of the last update handed to the worker
-
-
-
-@dataclass
-class EngineStats:
-    """Counters for tests and benchmarks."""
-
-    steps: int = 0
-    prefills: int = 0
-    prefill_calls: int = 0
-    vision_images_encoded: int = 0
-    vision_cache_hits: int = 0
-    finished: int = 0
-    cancelled: int = 0
-    failed: int = 0
-    max_running: int = 0
-    # (request id, finish reason, decode steps taken, generated token ids) of the latest finished requests.
-    recent: deque = field(default_factory=lambda: deque(maxlen=1000))
-
-
-class FeatureCache:
-    """Bounded LRU of projected image features, keyed by a hash of the preprocessed pixels."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self._items: OrderedDict[str, torch.Tensor] = OrderedDict()
-
-    def get(self, key: str) -> torch.Tensor | None:
-        value = self._items.get(key)
-        if value is not None:
-            self._items.move_to_end(key)
-        return value
-
-    def put(self, key: str, value: torch.Tensor) -> None:
-        if self.capacity == 0:
-            return
-        self._items[key] = value
-        self._items.move_to_end(key)
-        while len(self._items) > self.capacity:
-            self._items.popitem(last=False)
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-
-def _deliver(items: list[tuple[asyncio.Queue, Any]]) -> None:
-    for queue, item in items:
-        queue.put_nowait(item)
-
-
-def _length_groups(reqs: list, embeds: list[torch.Tensor], max_waste: float = 0.25) -> list[list[int]]:
-    """Split prompts (sorted by length) into groups prefilled together, so that left padding adds at most
-    ``max_waste`` of extra positions to a group."""
-    order = sorted(range(len(embeds)), key=lambda i: embeds[i].shape[0])
-    groups: list[list[int]] = []
-    for i in order:
-        if groups:
-            cand = groups[-1] + [i]
-            longest = max(embeds[j].shape[0] for j in cand)
-            real = sum(embeds[j].shape[0] for j in cand)
-            if longest * len(cand) <= (1 + max_waste) * real:
-                groups[-1] = cand
-                continue
-        groups.append([i])
-    return groups
-
-
-def pixel_key(pixels: torch.Tensor) -> str:
-    """Content hash of one preprocessed image (same bytes and mode give the same key)."""
-    return hashlib.sha256(pixels.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
 class HFEngine(Engine):
@@ -188,6 +107,10 @@ class HFEngine(Engine):
         self._thread: threading.Thread | None = None
         self._ids = itertools.count(1)
         self._outbox: list[tuple[_Request, Any]] = []  # scheduler thread only; delivered once per step
+        self.pool: KVPool | None = None
+        self._occupancy = (0, 0)  # (rows, tokens) in the pool, written by the scheduler thread after each step
+        self._plan: tuple[tuple[int, ...], SamplingPlan] | None = None
+        self._fatal: str | None = None  # set when the device is unusable (a sticky CUDA error)
 
     # ----- Engine interface -----
     @property
@@ -205,7 +128,19 @@ class HFEngine(Engine):
 
     @property
     def ready(self) -> bool:
-        return self.loaded is not None and self._thread is not None and self._thread.is_alive()
+        return (self.loaded is not None and self._thread is not None and self._thread.is_alive()
+                and self._fatal is None)
+
+    @property
+    def health_error(self) -> str | None:
+        return self._fatal
+
+    def kv_cache_status(self) -> dict[str, int] | None:
+        if self.pool is None:
+            return None
+        rows, tokens = self._occupancy
+        return {"slots": self.pool.slots, "slots_used": rows, "slot_tokens": self.pool.layout.slot_tokens,
+                "tokens_used": tokens, "bytes": self.pool.nbytes}
 
     @property
     def context_length(self) -> int:
@@ -227,6 +162,13 @@ class HFEngine(Engine):
         group.add_argument("--stream-min-interval", type=float, default=0.025,
                            help="seconds between two streamed updates of one request (0: every token); the text "
                                 "is cumulative, so nothing is lost")
+        group.add_argument("--kv-cache-memory", type=parse_size, default=None, metavar="SIZE",
+                           help="memory of the KV cache, allocated once at start (e.g. 6GiB); each request holds room "
+                                "for a whole context and waits for a free one (default: --kv-cache-fraction)")
+        group.add_argument("--kv-cache-fraction", type=float, default=0.9,
+                           help="without --kv-cache-memory: the share of the memory free after loading that the KV "
+                                "cache may take, on each device (default %(default)s); never more than "
+                                "--max-batch-size requests")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> HFEngine:
@@ -237,6 +179,8 @@ class HFEngine(Engine):
             image_cache_size=args.image_cache_size,
             allow_image_urls=args.allow_image_urls,
             stream_min_interval=args.stream_min_interval,
+            kv_cache_memory=args.kv_cache_memory,
+            kv_cache_fraction=args.kv_cache_fraction,
         )
         return cls(load_config_from_args(args), model_name=args.model_name, conv_mode=args.conv_mode,
                    batching=batching)
@@ -256,10 +200,25 @@ class HFEngine(Engine):
                                "pass --model-path for a real model")
         conv_mode = self._conv_mode or conv_mode_for_config(self.loaded.config)
         self._conv_mode = conv_mode
+        self.pool = await asyncio.to_thread(self._allocate_pool)
         self._thread = threading.Thread(target=self._run, name="hf-engine-scheduler", daemon=True)
         self._thread.start()
-        logger.info("engine ready: %s, max batch %d, conv template %s", self.model_names[0],
-                    self.batching.max_batch_size, conv_mode)
+        logger.info("engine ready: %s, max batch %d, conv template %s", self.model_names[0], self.pool.slots,
+                    conv_mode)
+
+    def _allocate_pool(self) -> KVPool:
+        from llava_med.model.batching import KVPool, PoolLayout, pool_slots
+
+        layout = PoolLayout.of(self.loaded.model, self.loaded.context_len)
+        if any(device.type == "cuda" for device in layout.devices):
+            import torch
+
+            torch.cuda.empty_cache()  # blocks cached while loading count as free memory for the pool
+        slots, reason = pool_slots(layout, max_slots=self.batching.max_batch_size,
+                                   memory=self.batching.kv_cache_memory, fraction=self.batching.kv_cache_fraction)
+        pool = KVPool(layout, slots)
+        logger.info("KV cache: %s; requests at once: %d, from %s", pool.describe(), slots, reason)
+        return pool
 
     async def shutdown(self) -> None:
         with self._wakeup:
@@ -267,6 +226,7 @@ class HFEngine(Engine):
             self._wakeup.notify_all()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 30)
+        self.pool = None  # the KV cache's memory goes back
 
     def queue_length(self) -> int:
         with self._lock:
@@ -299,7 +259,7 @@ class HFEngine(Engine):
         from llava_med.model.generation import SequenceState
 
         if not self.ready:
-            raise EngineStoppedError("the model is not loaded (or the engine stopped)")
+            raise EngineStoppedError(self._fatal or "the model is not loaded (or the engine stopped)")
         params = request.params
         with self._lock:
             if len(self._waiting) + self._preparing >= self.batching.max_queue:
@@ -318,7 +278,7 @@ class HFEngine(Engine):
                        loop, asyncio.Queue())
         with self._wakeup:
             if self._stopping:
-                raise EngineStoppedError("the engine is shutting down")
+                raise EngineStoppedError(self._fatal or "the engine is shutting down")
             self._waiting.append(req)
             self._wakeup.notify_all()
         finished = False
@@ -372,7 +332,7 @@ class HFEngine(Engine):
     def _run(self) -> None:
         from llava_med.model.batching import DecodeBatch
 
-        batch = DecodeBatch(self.loaded.model)
+        batch = DecodeBatch(self.loaded.model, self.pool)
         while True:
             with self._wakeup:
                 while not self._stopping and not self._waiting and not self._running:
@@ -382,16 +342,19 @@ class HFEngine(Engine):
                 admitted = self._take_admissible(len(batch))
             try:
                 self._step(batch, admitted)
-            except Exception:  # a bug in the loop itself: fail everyone, start over, keep serving
+            except Exception as exc:  # a bug in the loop itself: fail everyone, start over, keep serving
                 logger.exception("engine step failed")
                 self._fail_all(batch, "engine step failed")
-                batch = DecodeBatch(self.loaded.model)
+                self._check_device(exc)
+            self._occupancy = (len(batch), batch.tokens)
             self._flush()
-        self._fail_all(batch, "the engine shut down")
+        reason = self._fatal or "the engine shut down"
+        self._fail_all(batch, reason)
         with self._lock:
             for req in self._waiting:
-                self._post(req, EngineStoppedError("the engine shut down"))
+                self._post(req, EngineStoppedError(reason))
             self._waiting.clear()
+        self._occupancy = (0, 0)
         self._flush()
 
     def _post(self, req: _Request, item: Any) -> None:
@@ -412,15 +375,15 @@ class HFEngine(Engine):
         self._outbox = []
         for loop, items in by_loop.items():
             try:
-                loop.call_soon_threadsafe(_deliver, items)
+                loop.call_soon_threadsafe(deliver, items)
             except RuntimeError:  # the event loop is closed: nobody is listening any more
                 pass
 
     def _take_admissible(self, running: int) -> list[_Request]:
-        """Waiting requests that fit in the batch and this iteration's prefill budget (at least one)."""
+        """Waiting requests that fit in a free KV-cache slot and this iteration's prefill budget (at least one)."""
         out: list[_Request] = []
         budget = self.batching.max_prefill_tokens
-        while self._waiting and running + len(out) < self.batching.max_batch_size:
+        while self._waiting and running + len(out) < self.pool.slots:
             nxt = self._waiting[0]
             if out and nxt.prepared.num_prompt_tokens > budget:
                 break
@@ -429,7 +392,7 @@ class HFEngine(Engine):
             self._running[nxt.rid] = nxt
         return out
 
-    def _step(self, batch, admitted: list[_Request]) -> None:
+    def _step(self, batch: DecodeBatch, admitted: list[_Request]) -> None:
         live = []
         for req in admitted:
             if req.cancelled:
@@ -448,33 +411,70 @@ class HFEngine(Engine):
             return
         rows = [self._running[rid] for rid in batch.row_ids]
         try:
-            logits = batch.step([r.state.last_token for r in rows]).float().cpu()
-        except Exception as exc:  # e.g. out of memory: every row of this step fails, the engine goes on
-            logger.exception("decode step failed for %d requests", len(rows))
-            for r in rows:
-                self._fail(r, exc)
-            batch.remove([r.rid for r in rows])
+            tokens = batch.step([r.state.last_token for r in rows], lambda logits: self._sample(logits, rows))
+        except Exception as exc:
+            self._step_failed(batch, rows, exc)
             return
         self.stats.steps += 1
-        argmax = logits.argmax(dim=-1).tolist()
-        done = []
-        for i, r in enumerate(rows):
-            r.steps += 1
+        self._take_tokens(batch, rows, tokens)
+
+    def _take_tokens(self, batch: DecodeBatch, reqs: list[_Request], tokens: list[int], prefilled=None) -> None:
+        """Hand each request its sampled token (-1: its logits were not finite); requests that end leave the batch
+        (after a prefill: the others join it)."""
+        keep, done = [], []
+        for j, (req, token) in enumerate(zip(reqs, tokens, strict=True)):
+            if prefilled is None:
+                req.steps += 1
             try:
-                going_on = r.state.advance(logits[i], argmax[i])
-            except Exception as exc:  # e.g. sampling from non-finite logits: this request fails, not the batch
-                logger.exception("sampling failed for request %d", r.rid)
-                self._fail(r, exc)
-                done.append(r.rid)
+                if token < 0:
+                    from llava_med.model.generation import NonFiniteLogitsError
+
+                    raise NonFiniteLogitsError()
+                going_on = req.state.accept(token)
+            except Exception as exc:  # this request fails, not the batch
+                logger.warning("request %d failed: %s", req.rid, exc)
+                self._fail(req, exc)
+                done.append(req.rid)
                 continue
             if going_on:
-                self._post_progress(r)
+                self._post_progress(req)
+                keep.append(j)
             else:
-                done.append(r.rid)
-                self._finish(r)
-        batch.remove(done)
+                self._finish(req)
+                done.append(req.rid)
+        if prefilled is None:
+            batch.remove(done)
+        else:
+            batch.add([r.rid for r in reqs], prefilled, keep)
 
-    def _prefill(self, batch, reqs: list[_Request]) -> None:
+    def _sample(self, logits: torch.Tensor, reqs: list[_Request]) -> list[int]:
+        """Every row's next token, sampled on the logits' device (-1 for rows whose logits are not finite): the one
+        copy to the host of a step."""
+        from llava_med.model.generation import SamplingPlan, sample_tokens
+
+        key = tuple(r.rid for r in reqs)
+        if self._plan is None or self._plan[0] != key or self._plan[1].device != logits.device:
+            self._plan = (key, SamplingPlan([r.state.sampler for r in reqs], logits.device))
+        return sample_tokens(logits, [r.state.sampler for r in reqs], self._plan[1]).tolist()
+
+    def _step_failed(self, batch: DecodeBatch, rows: list[_Request], exc: Exception) -> None:
+        """Out of memory: the newest request fails and the others go on (the step runs again next iteration). Any
+        other error fails the requests of the step; a device left unusable stops the engine."""
+        if is_out_of_memory(exc):
+            victim = max(rows, key=lambda r: r.rid)
+            logger.warning("out of memory in a decode step of %d requests: request %d fails, the others go on",
+                           len(rows), victim.rid)
+            self._release_memory()
+            self._fail(victim, exc)
+            batch.remove([victim.rid])
+            return
+        logger.exception("decode step failed for %d requests", len(rows))
+        for r in rows:
+            self._fail(r, exc)
+        batch.remove([r.rid for r in rows])
+        self._check_device(exc)
+
+    def _prefill(self, batch: DecodeBatch, reqs: list[_Request]) -> None:
         """Prefill admitted requests, several at a time when their lengths are close, and add them to the batch."""
         try:
             embeds = self._embed(reqs)
@@ -488,32 +488,32 @@ class HFEngine(Engine):
                     logger.exception("preparing the embeddings of request %d failed", req.rid)
                     self._fail(req, exc)
                     reqs.remove(req)
-        for group in _length_groups(reqs, embeds):
-            group_reqs = [reqs[i] for i in group]
-            try:
-                prefilled = batch.prefill([embeds[i] for i in group])
-            except Exception as exc:
-                logger.exception("prefill failed for requests %s", [r.rid for r in group_reqs])
-                for req in group_reqs:
-                    self._fail(req, exc)
-                continue
-            self.stats.prefills += len(group_reqs)
-            self.stats.prefill_calls += 1
-            logits = prefilled.logits.float().cpu()
-            keep = []
-            for j, req in enumerate(group_reqs):
-                try:
-                    going_on = req.state.advance(logits[j])
-                except Exception as exc:  # this request fails, not its prefill group
-                    logger.exception("sampling failed for request %d", req.rid)
-                    self._fail(req, exc)
-                    continue
-                if going_on:
-                    self._post_progress(req)
-                    keep.append(j)
-                else:
-                    self._finish(req)
-            batch.add([r.rid for r in group_reqs], prefilled, keep)
+        for group in length_groups(reqs, embeds):
+            self._prefill_group(batch, [reqs[i] for i in group], [embeds[i] for i in group])
+
+    def _prefill_group(self, batch: DecodeBatch, reqs: list[_Request], embeds: list[torch.Tensor]) -> None:
+        try:
+            prefilled = batch.prefill(embeds)
+            tokens = self._sample(prefilled.logits, reqs)
+        except Exception as exc:
+            if is_out_of_memory(exc) and len(reqs) > 1:  # together they did not fit: try each alone
+                logger.warning("out of memory prefilling %d requests together: prefilling them one by one",
+                               len(reqs))
+                self._release_memory()
+                for req, embed in zip(reqs, embeds, strict=True):
+                    self._prefill_group(batch, [req], [embed])
+                return
+            logger.exception("prefill failed for requests %s", [r.rid for r in reqs])
+            for req in reqs:
+                self._fail(req, exc)
+            if is_out_of_memory(exc):
+                self._release_memory()
+            else:
+                self._check_device(exc)
+            return
+        self.stats.prefills += len(reqs)
+        self.stats.prefill_calls += 1
+        self._take_tokens(batch, reqs, tokens, prefilled)
 
     def _embed(self, reqs: list[_Request]) -> list[torch.Tensor]:
         """Prompt embeddings of each request; images not in the feature cache go through CLIP in one call."""
@@ -546,10 +546,9 @@ class HFEngine(Engine):
             self._running.pop(req.rid, None)
 
     def _fail(self, req: _Request, exc: BaseException) -> None:
-        import torch
-
         self.stats.failed += 1
-        if isinstance(exc, torch.OutOfMemoryError):
+        if is_out_of_memory(exc):
+            self.stats.out_of_memory += 1
             err: BaseException = LlavaMedError(f"out of memory while generating: {exc}", code=ErrorCode.OUT_OF_MEMORY)
         elif isinstance(exc, LlavaMedError):
             err = exc
@@ -559,9 +558,42 @@ class HFEngine(Engine):
         with self._lock:
             self._running.pop(req.rid, None)
 
-    def _fail_all(self, batch, reason: str) -> None:
+    def _fail_all(self, batch: DecodeBatch, reason: str) -> None:
         with self._lock:
             running = list(self._running.values())
         for req in running:
             self._fail(req, EngineStoppedError(reason))
-        batch.remove(list(batch.row_ids))
+        batch.clear()
+
+    def _release_memory(self) -> None:
+        import torch
+
+        if self.loaded.model.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _check_device(self, exc: BaseException) -> None:
+        """After an error, make sure the device still works; a sticky CUDA error (illegal memory access, device-side
+        assert) leaves it unusable until the process restarts: the engine then stops and reports unhealthy."""
+        broken = self._probe_device()
+        if broken is None:
+            return
+        self._fatal = (f"the device failed ({type(exc).__name__}: {exc}; a check afterwards failed too: {broken}); "
+                       "restart the worker")
+        logger.error("%s", self._fatal)
+        with self._wakeup:
+            self._stopping = True
+            self._wakeup.notify_all()
+
+    def _probe_device(self) -> str | None:
+        """None if a small computation on the model's device still succeeds, else what went wrong."""
+        import torch
+
+        device = self.loaded.model.device
+        if device.type != "cuda":
+            return None
+        try:
+            torch.cuda.synchronize(device)
+            torch.ones(1, device=device).add_(1).item()
+        except Exception as exc:  # noqa: BLE001 - any failure means the device is gone
+            return f"{type(exc).__name__}: {exc}"
+        return None

@@ -93,15 +93,46 @@ def resolve_device(device: str) -> str:
     return "cpu"
 
 
+def cuda_native_bf16() -> bool:
+    """True when every visible CUDA device computes bf16 in hardware (compute capability 8.0+: Ampere and later;
+    ROCm). ``torch.cuda.is_bf16_supported()`` also counts emulation, which is slow (V100, T4)."""
+    if torch.version.hip:
+        return True
+    return all(torch.cuda.get_device_properties(i).major >= 8 for i in range(torch.cuda.device_count()))
+
+
 def resolve_dtype(dtype: str | None, device: str) -> torch.dtype:
-    """bf16 (or fp16 where bf16 is unsupported) on GPUs, fp16 on MPS, fp32 on CPU, unless asked otherwise."""
+    """bf16 on GPUs with native bf16 (fp16 on older ones), fp16 on MPS, fp32 on CPU, unless asked otherwise."""
     if dtype is not None:
         return DTYPES[dtype]
     if device == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if cuda_native_bf16() else torch.float16
     if device == "mps":
         return torch.float16
     return torch.float32
+
+
+def choose_dtype(cfg: LoadConfig, device: str) -> tuple[torch.dtype, str]:
+    """The compute dtype for ``cfg`` on ``device`` and why (for the log): :func:`resolve_dtype`, except that 8-bit
+    quantisation on a GPU computes in fp16 (bitsandbytes' int8 matmuls cast every other dtype to fp16)."""
+    dtype = resolve_dtype(cfg.dtype, device)
+    if device != "cuda":
+        return dtype, "--dtype" if cfg.dtype else f"the default on {device}"
+    gpus = ", ".join(sorted({f"{torch.cuda.get_device_name(i)} (compute capability "
+                             f"{'.'.join(map(str, torch.cuda.get_device_capability(i)))})"
+                             for i in range(torch.cuda.device_count())}))
+    native = cuda_native_bf16()
+    if cfg.dtype is None and cfg.load_8bit:
+        return torch.float16, "--load-8bit computes in float16"
+    if cfg.dtype is not None:
+        if dtype == torch.bfloat16 and not native:
+            logger.warning("--dtype bfloat16 on %s: no native bfloat16, it is emulated and slow; float16 is faster",
+                           gpus)
+        if cfg.load_8bit and dtype != torch.float16:
+            logger.warning("--load-8bit with --dtype %s: the int8 matmuls cast their inputs to float16 anyway",
+                           cfg.dtype)
+        return dtype, "--dtype"
+    return dtype, f"{gpus} {'has' if native else 'has no'} native bfloat16"
 
 
 def resolve_checkpoint(model_path: str, *, local_files_only: bool = False) -> Path:
@@ -213,6 +244,8 @@ def _quantization_config(cfg: LoadConfig, dtype: torch.dtype):
     from transformers import BitsAndBytesConfig
 
     if cfg.load_8bit:
+        # bitsandbytes logs its fp16 cast on every int8 matmul of a non-fp16 model (224 lines per forward of a 7B).
+        _log_first_only("bitsandbytes.autograd._functions", "MatMul8bitLt: inputs will be cast")
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(
         load_in_4bit=True,
@@ -220,6 +253,29 @@ def _quantization_config(cfg: LoadConfig, dtype: torch.dtype):
         bnb_4bit_use_double_quant=True,
         bnb_4bit_quant_type="nf4",
     )
+
+
+class _FirstOnly(logging.Filter):
+    """Lets the first record whose message starts with ``prefix`` through and drops its repeats."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+        self.seen = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith(self.prefix):
+            return True
+        if self.seen:
+            return False
+        self.seen = True
+        return True
+
+
+def _log_first_only(logger_name: str, prefix: str) -> None:
+    target = logging.getLogger(logger_name)
+    if not any(isinstance(f, _FirstOnly) and f.prefix == prefix for f in target.filters):
+        target.addFilter(_FirstOnly(prefix))
 
 
 def _device_map(cfg: LoadConfig, device: str) -> tuple[Any, dict | None]:
@@ -464,9 +520,10 @@ def load_pretrained_model(cfg: LoadConfig) -> LoadedModel:
         logger.warning("--model-base %s is ignored: %s is a complete checkpoint", cfg.model_base, folder)
     tensors = CheckpointTensors(folder)
     device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
-    logger.info("loading %s on %s as %s%s", folder, device, dtype,
-                " (8-bit)" if cfg.load_8bit else " (4-bit nf4)" if cfg.load_4bit else "")
+    dtype, why = choose_dtype(cfg, device)
+    logger.info("loading %s on %s as %s (%s)%s", folder, device, str(dtype).removeprefix("torch."), why,
+                ", language model in 8-bit" if cfg.load_8bit else ", language model in 4-bit nf4" if cfg.load_4bit
+                else "")
 
     from transformers import AutoTokenizer
 

@@ -1,8 +1,13 @@
 """Request preparation, sampling, incremental detokenisation and single-request streaming generation.
 
-The pieces (``prepare_prompt``, ``TokenSampler``, ``TextAssembler``, ``SequenceState``) are what every caller
-uses: the CLI through :func:`generate_stream`, and the worker's batching engine step by step. Sampling settings
-are :class:`llava_med.sampling.SamplingParams`.
+The pieces (``prepare_prompt``, ``TokenSampler`` and :func:`sample_tokens`, ``TextAssembler``, ``SequenceState``)
+are what every caller uses: the CLI through :func:`generate_stream`, and the worker's batching engine step by step.
+Sampling settings are :class:`llava_med.sampling.SamplingParams`.
+
+Sampling runs on the device of the logits, for all rows of a batch at once, with a seeded generator per request:
+a seeded request draws the same tokens alone or in a batch, and on a CPU the same tokens as the row-by-row
+``torch.multinomial`` sampler this replaced. Batched and single runs agree exactly in fp32; in bf16 or fp16 the other
+rows of a batch change kernel shapes and rounding, so a row may part from its single run after a few tokens.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llava_med.errors import BadRequestError
+from llava_med.errors import BadRequestError, LlavaMedError
 from llava_med.model.builder import LoadedModel
 from llava_med.images.decode import ImageLimits, load_image
 from llava_med.model.preprocess import normalize_aspect_mode, process_images
@@ -28,33 +33,111 @@ from llava_med.model.prompting import (
 )
 from llava_med.sampling import CHAT_DEFAULTS, GenerationOutput, SamplingParams
 
-class TokenSampler:
-    """Picks the next token from one row of logits: greedy, or temperature + top-p with a per-request seed.
 
-    Sampling runs on the CPU in float32 with the request's own generator, so a seeded request draws the same
-    tokens whether it runs alone or inside a batch.
+class NonFiniteLogitsError(LlavaMedError):
+    """The model's logits for a request hold NaN or infinity: it cannot go on."""
+
+    def __init__(self, message: str = "the model produced non-finite logits (NaN or inf) for this request") -> None:
+        super().__init__(message)
+
+
+class TokenSampler:
+    """The sampling state of one request: its settings and its own seeded generator.
+
+    The generator is made on the device of the first logits it samples from (a request never changes device), so
+    a seeded request draws the same tokens whether it runs alone or inside a batch. Calling the sampler on one row
+    of logits returns that row's token (the CLI's single-request loop); batches go through :func:`sample_tokens`.
     """
 
     def __init__(self, params: SamplingParams) -> None:
         self.params = params
-        seed = params.seed if params.seed is not None else random.SystemRandom().randrange(2**63)
-        self.generator = torch.Generator(device="cpu").manual_seed(seed)
+        self.seed = params.seed if params.seed is not None else random.SystemRandom().randrange(2**63)
+        self._generator: torch.Generator | None = None
 
-    def __call__(self, logits: torch.Tensor, argmax: int | None = None) -> int:
-        """``argmax``: the row's argmax when the caller already computed it for a whole batch."""
-        if self.params.greedy:
-            return argmax if argmax is not None else int(torch.argmax(logits).item())
-        scaled = logits.detach().float().cpu() / self.params.temperature
-        probs = torch.softmax(scaled, dim=-1)
-        if self.params.top_p < 1.0:
-            sorted_probs, order = torch.sort(probs, descending=True)
-            cumulative = torch.cumsum(sorted_probs, dim=-1)
+    def generator(self, device: torch.device) -> torch.Generator:
+        if self._generator is None:
+            self._generator = torch.Generator(device=device).manual_seed(self.seed)
+        return self._generator
+
+    def __call__(self, logits: torch.Tensor) -> int:
+        """The next token from one row of logits ``[V]`` (copies it to the host: for single-request loops)."""
+        token = int(sample_tokens(logits.reshape(1, -1), [self])[0])
+        if token < 0:
+            raise NonFiniteLogitsError()
+        return token
+
+
+class _RowGroup:
+    """Rows of a batch that sample the same way, with their settings already on the logits' device."""
+
+    def __init__(self, rows: list[int], samplers: Sequence[TokenSampler], device: torch.device, nucleus: bool) -> None:
+        self.nucleus = nucleus
+        # Rows as a slice when they are consecutive (the usual case: every row samples alike), else an index.
+        if rows == list(range(rows[0], rows[-1] + 1)):
+            self.select: slice | torch.Tensor = slice(rows[0], rows[-1] + 1)
+        else:
+            self.select = device_tensor(rows, device)
+        params = [samplers[i].params for i in rows]
+        self.temperature = device_tensor([p.temperature for p in params], device, torch.float32).unsqueeze(1)
+        self.top_p = device_tensor([p.top_p for p in params], device, torch.float32).unsqueeze(1)
+        self.generators = [samplers[i].generator(device) for i in rows]
+
+
+class SamplingPlan:
+    """How one batch composition samples: which rows are greedy, which sample from the whole distribution and which
+    from a top-p nucleus, with their settings on the device. Built when rows join or leave, so that a decode step
+    samples with device operations only (:func:`sample_tokens`)."""
+
+    def __init__(self, samplers: Sequence[TokenSampler], device: torch.device | str) -> None:
+        device = torch.device(device)
+        self.device = device
+        self.size = len(samplers)
+        sampling = [i for i, s in enumerate(samplers) if not s.params.greedy]
+        plain = [i for i in sampling if samplers[i].params.top_p >= 1.0]
+        nucleus = [i for i in sampling if samplers[i].params.top_p < 1.0]
+        self.groups = [_RowGroup(rows, samplers, device, is_nucleus)
+                       for rows, is_nucleus in ((plain, False), (nucleus, True)) if rows]
+
+
+def device_tensor(values: Sequence, device: torch.device | str, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """``values`` as a tensor on ``device`` without waiting for the device: from pinned memory, asynchronously,
+    on CUDA (a plain ``torch.tensor(..., device="cuda")`` synchronises the stream)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
+def sample_tokens(logits: torch.Tensor, samplers: Sequence[TokenSampler],
+                  plan: SamplingPlan | None = None) -> torch.Tensor:
+    """The next token of every row of ``logits`` (``[B, V]``), as a ``[B]`` tensor on the logits' device; ``-1``
+    for a row whose logits hold a NaN or ``+inf`` (or nothing but ``-inf``): such a row cannot be sampled.
+
+    Greedy rows take the argmax. Sampling rows divide by their temperature, keep their top-p nucleus, and draw with
+    their own generator exactly as ``torch.multinomial(probs, 1)`` does (``argmax(probs / q)`` with
+    ``q ~ Exp(1)`` from the generator, in the same order), so a seed draws the same tokens as the row-by-row CPU
+    sampler did. Nothing waits for the device: the caller copies the result to the host once.
+    """
+    logits = logits.float()
+    tokens = logits.argmax(dim=-1)  # NaN counts as the largest value: a row with one has a NaN maximum
+    usable = torch.isfinite(logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1))
+    plan = plan if plan is not None else SamplingPlan(samplers, logits.device)
+    for group in plan.groups:
+        probs = torch.softmax(logits[group.select] / group.temperature, dim=-1)
+        if group.nucleus:
+            probs, order = torch.sort(probs, dim=-1, descending=True)
             # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-            drop = cumulative - sorted_probs >= self.params.top_p
-            sorted_probs[drop] = 0.0
-            choice = torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=self.generator)
-            return int(order[choice].item())
-        return int(torch.multinomial(probs, 1, generator=self.generator).item())
+            probs = probs.masked_fill(torch.cumsum(probs, dim=-1) - probs >= group.top_p, 0.0)
+            probs = probs / probs.sum(dim=-1, keepdim=True)
+        noise = torch.empty_like(probs)
+        for row, generator in zip(noise, group.generators, strict=True):
+            row.exponential_(generator=generator)
+        # An exact 0 (possible on CPU, about 2**-53 per draw) would divide into inf or nan.
+        choice = (probs / noise.clamp_min_(torch.finfo(noise.dtype).tiny)).argmax(dim=-1)
+        if group.nucleus:
+            choice = order.gather(-1, choice.unsqueeze(-1)).squeeze(-1)
+        tokens[group.select] = choice
+    return torch.where(usable, tokens, -1)
 
 
 class TextAssembler:
@@ -186,10 +269,13 @@ class SequenceState:
         self.finish_reason: str | None = None
         self.last_token: int | None = None
 
-    def advance(self, logits: torch.Tensor, argmax: int | None = None) -> bool:
-        """Sample one token from ``logits`` (``[V]``; ``argmax`` if the caller computed it for the whole batch);
-        returns True while the request goes on."""
-        token = self.sampler(logits, argmax)
+    def advance(self, logits: torch.Tensor) -> bool:
+        """Sample one token from ``logits`` (``[V]``) and take it; returns True while the request goes on."""
+        return self.accept(self.sampler(logits))
+
+    def accept(self, token: int) -> bool:
+        """Take the next token (sampled for a whole batch by :func:`sample_tokens`); returns True while the request
+        goes on."""
         self.generated += 1
         self.last_token = token
         if token == self.eos_id and not self.params.ignore_eos:

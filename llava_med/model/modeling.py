@@ -121,6 +121,18 @@ class LlavaMedForCausalLM(nn.Module):
             pieces.append(embed(torch.tensor(input_ids[start:], device=device)))
         return torch.cat(pieces, dim=0)
 
+    def hidden_states(self, *, cache=None, **kwargs) -> torch.Tensor:
+        """Run the decoder alone (no LM head): last hidden states ``[B, L, hidden]``, extending ``cache`` in place.
+        With :meth:`logits` the caller picks the positions it needs logits for (e.g. each padded row's last)."""
+        if cache is not None:
+            kwargs[self._cache_kwarg] = cache
+            kwargs.setdefault("use_cache", True)
+        return self.language_model.get_decoder()(**kwargs).last_hidden_state
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head on hidden states ``[..., hidden]``."""
+        return self.language_model.get_output_embeddings()(hidden)
+
     def forward(self, *, cache=None, **kwargs):
         """Run the language model on ``inputs_embeds`` or ``input_ids`` (plus masks, positions), extending the
         KV ``cache`` (a transformers ``Cache``) in place."""

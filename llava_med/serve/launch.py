@@ -2,6 +2,7 @@
 
     llava-med launch                                   # tiny model on the CPU: controller, one worker, web UI
     llava-med launch --model-path microsoft/llava-med-v1.5-mistral-7b --gpus 0,1 --workers-per-model 2
+    llava-med launch --model-path microsoft/llava-med-v1.5-mistral-7b --gpus 0,1,2,3 --num-gpus 2  # 2 workers x 2
     llava-med launch --model-path A --model-path B --load-4bit --no-web
 
 Every child writes its output to ``<log-dir>/<name>.log`` (the web UI's chats go to ``<log-dir>/web/``). The
@@ -13,6 +14,10 @@ Ctrl-C or SIGTERM stops every child (SIGTERM, then SIGKILL after ``--stop-timeou
 that dies is reported with the tail of its log, the others are stopped, and the launcher exits 1. Children are in
 their own session and, on Linux, are killed by the kernel if the launcher itself is killed, so no process is left
 behind.
+
+GPUs: worker *i* gets ``CUDA_VISIBLE_DEVICES`` = the next ``--num-gpus`` devices of ``--gpus`` (cycling); without
+``--gpus``, the devices the machine shows (``CUDA_VISIBLE_DEVICES``, else ``nvidia-smi``), found without importing
+torch.
 
 Ports: the originals by default (controller 21001, workers 21002, 21003, ..., web UI 7860). A port that is already
 taken is an error naming it; ``0`` picks a free port (``--controller-port 0 --worker-port 0 --web-port 0``).
@@ -26,8 +31,10 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -74,6 +81,7 @@ class LaunchConfig:
     model_paths: list[str | None] = dataclasses.field(default_factory=lambda: [None])
     workers_per_model: int = 1
     gpus: list[str] = dataclasses.field(default_factory=list)
+    gpus_per_worker: int = 1
     engine: str = DEFAULT_ENGINE
     worker_args: list[str] = dataclasses.field(default_factory=list)
     web: bool = True
@@ -92,6 +100,11 @@ class LaunchConfig:
             self.model_paths = [None]
         if self.workers_per_model < 1:
             raise LaunchError(f"--workers-per-model must be >= 1, got {self.workers_per_model}")
+        if self.gpus_per_worker < 1:
+            raise LaunchError(f"--num-gpus must be >= 1, got {self.gpus_per_worker}")
+        if self.gpus and self.gpus_per_worker > len(self.gpus):
+            raise LaunchError(f"--num-gpus {self.gpus_per_worker} needs {self.gpus_per_worker} devices per worker but "
+                              f"only {len(self.gpus)} are available ({','.join(self.gpus)}; --gpus to choose)")
         if self.engine not in engine_names():
             raise LaunchError(f"--engine must be one of {', '.join(engine_names())}, got {self.engine!r}")
         for name in ("controller_port", "worker_port", "web_port", "openai_port"):
@@ -104,6 +117,13 @@ class LaunchConfig:
     @property
     def num_workers(self) -> int:
         return len(self.model_paths) * self.workers_per_model
+
+    def worker_gpus(self, index: int) -> str | None:
+        """``CUDA_VISIBLE_DEVICES`` of worker ``index``: the next ``gpus_per_worker`` devices, cycling."""
+        if not self.gpus:
+            return None
+        start = index * self.gpus_per_worker
+        return ",".join(self.gpus[(start + j) % len(self.gpus)] for j in range(self.gpus_per_worker))
 
 
 @dataclasses.dataclass
@@ -185,9 +205,8 @@ def plan(config: LaunchConfig) -> list[ChildSpec]:
                 argv += ["--model-path", model_path]
             argv += config.worker_args
             env: dict[str, str] = {}
-            gpu = None
-            if config.gpus:
-                gpu = config.gpus[index % len(config.gpus)]
+            gpu = config.worker_gpus(index)
+            if gpu is not None:
                 env["CUDA_VISIBLE_DEVICES"] = gpu
             children.append(ChildSpec(f"worker-{index}", "worker", argv, port, url, env, model_path, gpu))
             index += 1
@@ -205,6 +224,29 @@ def plan(config: LaunchConfig) -> list[ChildSpec]:
                 "--controller-url", controller_url, *config.openai_args]
         children.append(ChildSpec("openai-api", "openai", argv, port, url))
     return children
+
+
+def detect_gpus(env: dict[str, str] | None = None) -> list[str]:
+    """The CUDA devices this machine shows, without importing torch: ``CUDA_VISIBLE_DEVICES`` when it is set, else
+    ``nvidia-smi``'s list; empty when there is neither."""
+    env = os.environ if env is None else env
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        devices = []
+        for device in (d.strip() for d in visible.split(",")):
+            if not device or device.startswith("-"):  # CUDA ignores everything from an invalid entry on
+                break
+            devices.append(device)
+        return devices
+    nvidia_smi = shutil.which("nvidia-smi")
+    if nvidia_smi is None:
+        return []
+    try:
+        out = subprocess.run([nvidia_smi, "--query-gpu=index", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.strip() for line in out.splitlines() if line.strip().isdigit()]
 
 
 def _child_env(extra: dict[str, str]) -> dict[str, str]:
@@ -429,7 +471,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "random-weight checkpoint)")
     p.add_argument("--workers-per-model", type=int, default=1)
     p.add_argument("--gpus", default=None,
-                   help="comma-separated devices, e.g. 0,1: worker i gets CUDA_VISIBLE_DEVICES=<i-th, cycling>")
+                   help="comma-separated devices, e.g. 0,1: each worker gets the next --num-gpus of them as "
+                        "CUDA_VISIBLE_DEVICES (cycling); default: the devices the machine shows")
     p.add_argument("--worker-arg", action="append", default=[], metavar="ARG",
                    help="any other worker flag, repeated, e.g. --worker-arg=--speed --worker-arg=2")
     # Every loader and engine flag of the worker, defined once (llava_med.model.args, the engine registry) and
@@ -492,9 +535,15 @@ def config_from_args(args: argparse.Namespace) -> LaunchConfig:
         web_args += ["--concurrency-count", str(args.concurrency_count)]
     web_args += args.web_arg
     gpus = [g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus else []
+    if not gpus and args.engine != "fake" and args.device not in ("cpu", "mps"):
+        gpus = detect_gpus()
+        if gpus:
+            logger.info("CUDA devices %s: each worker gets %d of them (--gpus to choose)", ",".join(gpus),
+                        args.num_gpus)
     return LaunchConfig(
         host=args.host, controller_port=args.controller_port, worker_port=args.worker_port, web_port=args.web_port,
         model_paths=list(args.model_path or [None]), workers_per_model=args.workers_per_model, gpus=gpus,
+        gpus_per_worker=args.num_gpus,
         engine=args.engine, worker_args=worker_args, web=not args.no_web, web_args=web_args,
         log_dir=Path(args.log_dir), startup_timeout=args.startup_timeout, stop_timeout=args.stop_timeout,
         openai=not args.no_openai, openai_port=args.openai_port, openai_args=args.openai_arg,

@@ -168,7 +168,12 @@ class ModelWorker:
 
     @property
     def ready(self) -> bool:
-        return self.engine.ready and self.load_error is None
+        return self.engine.ready and self.error is None
+
+    @property
+    def error(self) -> str | None:
+        """Why the worker cannot serve: its model failed to load, or its engine broke afterwards."""
+        return self.load_error or self.engine.health_error
 
     def queue_length(self) -> int:
         """Requests holding a generation slot plus requests waiting for one."""
@@ -176,7 +181,7 @@ class ModelWorker:
 
     def get_status(self) -> WorkerStatus:
         return WorkerStatus(model_names=self.model_names, speed=self.speed, queue_length=self.queue_length(),
-                            instance_id=self.instance_id)
+                            instance_id=self.instance_id, kv_cache=self.engine.kv_cache_status())
 
     # ------------------------------------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -320,6 +325,8 @@ class ModelWorker:
         if not self.ready:
             if self.load_error is not None:
                 yield error_chunk(ErrorCode.INTERNAL_ERROR, f"the model failed to load: {self.load_error}")
+            elif self.error is not None:
+                yield error_chunk(ErrorCode.INTERNAL_ERROR, f"the worker cannot serve: {self.error}")
             else:
                 yield error_chunk(ErrorCode.ENGINE_OVERLOADED,
                                   "the model is still loading; retry when GET /health answers 200")
@@ -452,8 +459,8 @@ def create_app(worker: ModelWorker, *, enable_docs: bool = False) -> FastAPI:
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        if worker.load_error is not None:
-            body = HealthResponse(status="error", error=worker.load_error, model_names=worker.model_names)
+        if worker.error is not None:
+            body = HealthResponse(status="error", error=worker.error, model_names=worker.model_names)
             return JSONResponse(body.model_dump(exclude_none=True), status_code=503)
         if not worker.ready:
             return JSONResponse(HealthResponse(status="loading").model_dump(exclude_none=True), status_code=503)

@@ -27,7 +27,16 @@ import re
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictStr,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from llava_med.constants import SERVER_ERROR_MSG, ErrorCode
 from llava_med.errors import BadRequestError
@@ -51,6 +60,7 @@ __all__ = [
     "default_auth_token",
     "auth_headers",
     "WireModel",
+    "KVCacheStatus",
     "WorkerStatus",
     "RegisterWorkerRequest",
     "RegisterWorkerResponse",
@@ -115,16 +125,36 @@ class WireModel(BaseModel):
 MAX_WORKER_SPEED = 1000.0
 
 
+class KVCacheStatus(WireModel):
+    """A worker's KV cache (engines that have one): ``slots`` requests fit at once, each with room for
+    ``slot_tokens``; ``slots_used`` and ``tokens_used`` are taken now; ``bytes`` were allocated at start."""
+
+    slots: int = Field(ge=0)
+    slots_used: int = Field(ge=0)
+    slot_tokens: int = Field(ge=0)
+    tokens_used: int = Field(ge=0)
+    bytes: int = Field(ge=0)
+
+
 class WorkerStatus(WireModel):
     """What ``/worker_get_status`` answers (a worker for itself, a controller for all its workers).
 
-    ``instance_id`` (new, optional) is the same for every address of one running worker: the controller keeps one
-    entry per instance, however many aliases (``localhost``, ``127.0.0.1``, ...) it is registered under."""
+    New, optional fields: ``instance_id`` is the same for every address of one running worker (the controller keeps
+    one entry per instance, however many aliases, ``localhost``, ``127.0.0.1``, ..., it is registered under);
+    ``kv_cache`` (left out when absent) describes the engine's KV cache."""
 
     model_names: list[StrictStr]
     speed: float = Field(default=1, ge=0, le=MAX_WORKER_SPEED, allow_inf_nan=False)
     queue_length: int = Field(default=0, ge=0)
     instance_id: StrictStr | None = Field(default=None, max_length=128)
+    kv_cache: KVCacheStatus | None = None
+
+    @model_serializer(mode="wrap")
+    def _leave_out_absent_kv_cache(self, handler: Any) -> Any:
+        data = handler(self)
+        if isinstance(data, dict) and data.get("kv_cache") is None:
+            data.pop("kv_cache", None)
+        return data
 
 
 class RegisterWorkerRequest(WireModel):

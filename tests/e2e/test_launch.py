@@ -79,6 +79,36 @@ def test_models_workers_gpus_and_loader_flags(tmp_path):
         assert w.argv[w.argv.index("--worker-address") + 1] == w.url == f"http://127.0.0.1:{w.port}"
 
 
+def test_num_gpus_gives_each_worker_that_many_devices(tmp_path):
+    base = ("--model-path", "/ckpt/a", "--controller-port", "0", "--worker-port", "0", "--no-web",
+            "--log-dir", str(tmp_path))
+    cfg = config(*base, "--workers-per-model", "3", "--gpus", "0,1,2,3", "--num-gpus", "2")
+    workers = [s for s in plan(cfg) if s.role == "worker"]
+    assert [w.env["CUDA_VISIBLE_DEVICES"] for w in workers] == ["0,1", "2,3", "0,1"]  # cycling, as with one each
+    assert all(w.argv[w.argv.index("--num-gpus") + 1] == "2" for w in workers)  # the worker spreads over both
+    with pytest.raises(LaunchError, match="--num-gpus 3 needs 3 devices per worker but only 2 are available"):
+        config(*base, "--gpus", "4,5", "--num-gpus", "3")
+
+
+def test_without_gpus_the_devices_the_machine_shows_are_shared_out(tmp_path, monkeypatch):
+    from llava_med.serve import launch
+
+    assert launch.detect_gpus({"CUDA_VISIBLE_DEVICES": "2,3"}) == ["2", "3"]
+    assert launch.detect_gpus({"CUDA_VISIBLE_DEVICES": "GPU-1a2b, GPU-3c4d"}) == ["GPU-1a2b", "GPU-3c4d"]
+    assert launch.detect_gpus({"CUDA_VISIBLE_DEVICES": ""}) == []
+    assert launch.detect_gpus({"CUDA_VISIBLE_DEVICES": "1,-1,2"}) == ["1"]  # CUDA stops at an invalid entry
+    monkeypatch.setattr(launch.shutil, "which", lambda name: None)
+    assert launch.detect_gpus({}) == [], "no CUDA_VISIBLE_DEVICES and no nvidia-smi: a CPU machine"
+
+    monkeypatch.setattr(launch, "detect_gpus", lambda: ["0", "1"])
+    base = ("--controller-port", "0", "--worker-port", "0", "--no-web", "--log-dir", str(tmp_path))
+    workers = [s for s in plan(config(*base, "--workers-per-model", "2")) if s.role == "worker"]
+    assert [w.env["CUDA_VISIBLE_DEVICES"] for w in workers] == ["0", "1"], "not every worker on cuda:0"
+    for flags in (("--device", "cpu"), ("--engine", "fake")):
+        workers = [s for s in plan(config(*base, *flags)) if s.role == "worker"]
+        assert "CUDA_VISIBLE_DEVICES" not in workers[0].env
+
+
 def test_every_worker_flag_is_passed_on_from_its_one_definition(tmp_path):
     from llava_med.model.args import add_model_args
     from llava_med.serve.model_worker import parse_args as worker_parse_args

@@ -25,7 +25,8 @@ def test_streams_are_byte_identical_to_the_recording(tmp_path):
     group = ProcessGroup(tmp_path / "logs", env=FAST_HEARTBEAT_ENV)
     try:
         ctrl = group.start_controller()
-        tiny = group.start_worker(ctrl.url, "--stream-min-interval", "0", engine="hf", wait=False)
+        tiny = group.start_worker(ctrl.url, "--stream-min-interval", "0", "--dtype", "float32", engine="hf",
+                                  wait=False)
         fake = group.start_worker(None, "--fake-token-delay", "0", model_name=FAKE)
         tiny.wait_healthy(180)
         wait_until(lambda: requests.post(ctrl.url + "/list_models", timeout=5).json()["models"] == [TINY], 20,

@@ -71,6 +71,9 @@ def test_worker_reports_its_template(stack):
     _, real = stack
     status = requests.post(real.url + "/worker_get_status", timeout=10).json()
     assert status["model_names"] == [TINY]
+    # The KV cache: allocated at start for --max-batch-size 16 requests of the whole context (1 MiB each here).
+    assert status["kv_cache"] == {"slots": 16, "slots_used": 0, "slot_tokens": 2048, "tokens_used": 0,
+                                  "bytes": 16 * 2**20}
     details = requests.post(real.url + "/model_details", timeout=10).json()
     assert details["context_length"] == 2048
 

@@ -8,11 +8,12 @@ import io
 import time
 
 import pytest
+import torch
 from PIL import Image, ImageDraw
 
 from llava_med.constants import ErrorCode
 from llava_med.engine.base import EngineRequest
-from llava_med.engine.hf import BatchingConfig, EngineBusyError, HFEngine
+from llava_med.engine.hf import BatchingConfig, EngineBusyError, EngineStoppedError, HFEngine
 from llava_med.errors import LlavaMedError
 from llava_med.model.builder import LoadConfig
 from llava_med.model.generation import generate_stream, prepare_prompt
@@ -284,3 +285,200 @@ def test_cancelled_waiting_requests_free_their_queue_slots(tiny_loaded):
 
     result = _run(body, tiny_loaded, max_batch_size=1, max_queue=2)
     assert result[-1].finish_reason in ("stop", "length")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Memory: a KV pool allocated once, admission by free slots, failures that stay with their request.
+
+def _hold_admission_until(engine: HFEngine, waiting: int) -> None:
+    """Let the scheduler admit nothing until ``waiting`` requests are queued, so that they are prefilled together."""
+    original = engine._take_admissible
+
+    def take(running):
+        if len(engine._waiting) < waiting and not engine._running:
+            return []
+        engine._take_admissible = original
+        return original(running)
+
+    engine._take_admissible = take
+
+
+def test_admission_is_bounded_by_the_kv_cache_memory(tiny_loaded):
+    reqs = _mixed_requests(5)
+    slot = 2**20  # tiny: 512 bytes per token x 2048 tokens
+
+    async def body(engine):
+        pointers = [t.data_ptr() for t in (*engine.pool.keys, *engine.pool.values)]
+        status = engine.kv_cache_status()
+        results = await asyncio.gather(*[_collect(engine, r) for r in reqs])
+        return engine, pointers, status, results
+
+    engine, pointers, status, results = _run(body, tiny_loaded, max_batch_size=16, kv_cache_memory=2 * slot + 1000)
+    assert status == {"slots": 2, "slots_used": 0, "slot_tokens": 2048, "tokens_used": 0, "bytes": 2 * slot}
+    assert engine.stats.max_running == 2, "two slots: the others waited for a free one"
+    for req, outputs in zip(reqs, results):
+        assert outputs[-1].token_ids == _alone(tiny_loaded, engine, req)[1]
+    assert engine.pool is None, "shutdown gives the pool back"
+    assert len(set(pointers)) == 4
+
+
+def test_out_of_memory_in_a_joint_prefill_fails_only_the_request_that_caused_it(tiny_loaded, monkeypatch):
+    from llava_med.model.batching import DecodeBatch
+
+    good = [ereq("[INST] Is the heart enlarged? " + "Look closely. " * i + "[/INST]", temperature=0,
+                 max_new_tokens=6, ignore_eos=True) for i in range(3)]
+    bad = ereq("[INST] Is the heart enlarged? Look. Look. Look. Look. Look. [/INST]", temperature=0, max_new_tokens=6)
+    group_sizes = []
+
+    async def body(engine):
+        marker = engine.count_tokens(bad.prompt)
+        assert marker not in {engine.count_tokens(r.prompt) for r in good}
+        original = DecodeBatch.prefill
+
+        def prefill(batch, embeds):
+            if any(int(e.shape[0]) == marker for e in embeds):
+                group_sizes.append(len(embeds))
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+            return original(batch, embeds)
+
+        monkeypatch.setattr(DecodeBatch, "prefill", prefill)
+        _hold_admission_until(engine, 4)
+        tasks = [asyncio.create_task(_collect(engine, r)) for r in [*good, bad]]
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        after = await _collect(engine, good[0])  # the engine keeps serving
+        return engine, results, after
+
+    engine, results, after = _run(body, tiny_loaded, max_batch_size=8)
+    assert group_sizes[0] > 1 and group_sizes[-1] == 1, "tried together first, then alone"
+    assert isinstance(results[-1], LlavaMedError) and results[-1].code == ErrorCode.OUT_OF_MEMORY
+    assert "out of memory" in str(results[-1])
+    for req, outputs in zip(good, results[:-1]):
+        assert outputs[-1].token_ids == _alone(tiny_loaded, engine, req)[1]
+    assert after[-1].token_ids == _alone(tiny_loaded, engine, good[0])[1]
+    assert engine.stats.out_of_memory == 1 and engine.stats.failed == 1
+
+
+def test_out_of_memory_in_a_decode_step_fails_the_newest_request(tiny_loaded, monkeypatch):
+    from llava_med.model.batching import DecodeBatch
+
+    reqs = [ereq(f"[INST] Describe case {i}. [/INST]", temperature=0, max_new_tokens=60 + i, ignore_eos=True)
+            for i in range(3)]
+    raised = []
+
+    async def body(engine):
+        original = DecodeBatch.step
+
+        def step(batch, tokens, then=lambda logits: logits):
+            if len(batch) == 3 and not raised:  # which request arrived last (the newest): its max_new_tokens
+                raised.append(engine._running[max(batch.row_ids)].state.params.max_new_tokens - 60)
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 MiB (simulated)")
+            return original(batch, tokens, then)
+
+        monkeypatch.setattr(DecodeBatch, "step", step)
+        _hold_admission_until(engine, 3)
+        results = await asyncio.gather(*[_collect(engine, r) for r in reqs], return_exceptions=True)
+        after = await _collect(engine, ereq("[INST] hi [/INST]", temperature=0, max_new_tokens=3))
+        return engine, results, after
+
+    engine, results, after = _run(body, tiny_loaded, max_batch_size=8)
+    assert raised, "the three requests ran together"
+    newest = raised[0]
+    for i, (req, outputs) in enumerate(zip(reqs, results)):
+        if i == newest:
+            assert isinstance(outputs, LlavaMedError) and outputs.code == ErrorCode.OUT_OF_MEMORY
+        else:
+            assert outputs[-1].token_ids == _alone(tiny_loaded, engine, req)[1], "the others went on unchanged"
+    assert after[-1].finish_reason in ("stop", "length")
+
+
+def test_non_finite_logits_fail_only_their_request(tiny_loaded, monkeypatch):
+    from llava_med.model.batching import DecodeBatch
+
+    reqs = _mixed_requests(3)
+    poisoned = ereq("[INST] poison [/INST]", temperature=0.7, top_p=0.9, seed=3, max_new_tokens=77, ignore_eos=True)
+
+    async def body(engine):
+        original = DecodeBatch.step
+
+        def step(batch, tokens, then=lambda logits: logits):
+            rows = [i for i, rid in enumerate(batch.row_ids) if rid in engine._running
+                    and engine._running[rid].state.params.max_new_tokens == 77]
+
+            def poison(logits):
+                if rows and engine._running[batch.row_ids[rows[0]]].steps >= 2:
+                    logits = logits.clone()
+                    logits[rows[0], 5] = float("nan")
+                return then(logits)
+
+            return original(batch, tokens, poison)
+
+        monkeypatch.setattr(DecodeBatch, "step", step)
+        return engine, await asyncio.gather(*[_collect(engine, r) for r in [*reqs, poisoned]],
+                                            return_exceptions=True)
+
+    engine, results = _run(body, tiny_loaded, max_batch_size=8)
+    assert isinstance(results[-1], LlavaMedError) and "non-finite logits" in str(results[-1])
+    for req, outputs in zip(reqs, results[:-1]):
+        assert outputs[-1].token_ids == _alone(tiny_loaded, engine, req)[1]
+
+
+@pytest.mark.parametrize("device_broken", [False, True], ids=["device-still-works", "sticky-cuda-error"])
+def test_a_device_error_fails_its_step_and_a_broken_device_stops_the_engine(tiny_loaded, monkeypatch, device_broken):
+    from llava_med.model.batching import DecodeBatch
+
+    message = "CUDA error: an illegal memory access was encountered"
+    victim = ereq("[INST] hello [/INST]", temperature=0, max_new_tokens=50, ignore_eos=True)
+    original = DecodeBatch.step
+    failures = []
+
+    def step(batch, tokens, then=lambda logits: logits):
+        if not failures:
+            failures.append(1)
+            raise torch.AcceleratorError(message)
+        return original(batch, tokens, then)
+
+    async def body(engine):
+        monkeypatch.setattr(DecodeBatch, "step", step)
+        monkeypatch.setattr(engine, "_probe_device", lambda: message if device_broken else None)
+        with pytest.raises(LlavaMedError, match="illegal memory access"):
+            await _collect(engine, victim)
+        if device_broken:
+            deadline = time.monotonic() + DEADLINE
+            while engine.ready and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            with pytest.raises(EngineStoppedError, match="restart the worker"):
+                await _collect(engine, victim)
+            return engine, (engine.ready, engine.health_error), None
+        after = await _collect(engine, victim)
+        return engine, (engine.ready, engine.health_error), after
+
+    engine, (ready, health_error), after = _run(body, tiny_loaded)
+    if device_broken:
+        assert not ready and "illegal memory access" in health_error
+    else:
+        assert ready and health_error is None
+        assert after[-1].token_ids == _alone(tiny_loaded, engine, victim)[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_loaded_bf16(tiny_checkpoint):
+    from llava_med.model.builder import load_pretrained_model
+
+    return load_pretrained_model(LoadConfig(model_path=str(tiny_checkpoint), dtype="bfloat16"))
+
+
+def test_bf16_batched_stays_close_to_alone(tiny_loaded_bf16):
+    """Batched == alone holds exactly in fp32 only (the tests above pin it). In bf16 the batch's other rows change
+    kernel shapes and rounding, so a near-tie can flip and a row part from its single run after a few tokens
+    (measured on the tiny model: 1 of these 8 requests at token 10; 5 of 16 between tokens 2 and 27). What bf16
+    promises: every row starts like its single run, and most rows stay identical for their first 8 tokens."""
+    reqs = _mixed_requests(8)
+
+    async def body(engine):
+        return engine, await asyncio.gather(*[_collect(engine, r) for r in reqs])
+
+    engine, results = _run(body, tiny_loaded_bf16, max_batch_size=8)
+    alone = [_alone(tiny_loaded_bf16, engine, r)[1] for r in reqs]
+    batched = [outputs[-1].token_ids for outputs in results]
+    assert all(a[:2] == b[:2] for a, b in zip(alone, batched))
+    assert sum(a[:8] == b[:8] for a, b in zip(alone, batched)) >= 6

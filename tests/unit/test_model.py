@@ -267,10 +267,45 @@ def test_load_config_validation():
         LoadConfig(num_gpus=0)
 
 
+def _fake_gpus(monkeypatch, *capabilities: tuple[int, int], name: str = "Tesla V100-SXM2-16GB") -> None:
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(capabilities))
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda i: SimpleNamespace(major=capabilities[i][0], minor=capabilities[i][1]))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: capabilities[i])
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: name)
+    # What transformers' is_bf16_supported() says on a V100 or T4: emulation counts as support.
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+
+
+def test_dtype_on_gpus_is_bf16_only_with_native_support(monkeypatch, caplog):
+    from llava_med.model.builder import choose_dtype
+
+    _fake_gpus(monkeypatch, (7, 0))  # V100: bf16 only emulated
+    assert choose_dtype(LoadConfig(), "cuda") == (
+        torch.float16, "Tesla V100-SXM2-16GB (compute capability 7.0) has no native bfloat16")
+    with caplog.at_level("WARNING", logger="llava_med.model.builder"):
+        assert choose_dtype(LoadConfig(dtype="bfloat16"), "cuda") == (torch.bfloat16, "--dtype")
+    assert "emulated and slow" in caplog.text
+    _fake_gpus(monkeypatch, (8, 0), (8, 6), name="NVIDIA A100-SXM4-80GB")
+    dtype, why = choose_dtype(LoadConfig(num_gpus=2), "cuda")
+    assert dtype == torch.bfloat16 and why.endswith("has native bfloat16")
+    _fake_gpus(monkeypatch, (8, 0), (7, 5))  # one T4 in the set: no bf16 for the model spread over both
+    assert choose_dtype(LoadConfig(num_gpus=2), "cuda")[0] == torch.float16
+    # 8-bit computes in fp16 whatever the card (bitsandbytes casts everything else on every matmul).
+    _fake_gpus(monkeypatch, (9, 0), name="NVIDIA H100")
+    assert choose_dtype(LoadConfig(load_8bit=True), "cuda") == (torch.float16, "--load-8bit computes in float16")
+    assert choose_dtype(LoadConfig(load_4bit=True), "cuda")[0] == torch.bfloat16
+    assert choose_dtype(LoadConfig(), "cpu") == (torch.float32, "the default on cpu")
+
+
 @pytest.mark.parametrize("flag", ["load_8bit", "load_4bit"])
-def test_quantized_loading_generates_on_cpu(tiny_checkpoint, flag):
+def test_quantized_loading_generates_on_cpu(tiny_checkpoint, flag, caplog):
     import bitsandbytes as bnb  # the [quant] extra, installed by scripts/test.sh
 
+    caplog.set_level("WARNING", logger="bitsandbytes")
     loaded = load_pretrained_model(LoadConfig(model_path=str(tiny_checkpoint), **{flag: True}))
     layer_type = bnb.nn.Linear8bitLt if flag == "load_8bit" else bnb.nn.Linear4bit
     assert any(isinstance(m, layer_type) for m in loaded.model.language_model.modules())
@@ -280,6 +315,8 @@ def test_quantized_loading_generates_on_cpu(tiny_checkpoint, flag):
     assert final.num_generated_tokens == 8
     assert final.finish_reason == "length"
     assert final.text.strip()
+    # fp32 int8 matmuls: bitsandbytes warns of its fp16 cast on each of them; the log shows it once.
+    assert caplog.text.count("MatMul8bitLt") == (1 if flag == "load_8bit" else 0)
 
 
 def test_embedded_vision_tower_without_its_config_folder(tiny_checkpoint, tiny_loaded, tmp_path, monkeypatch):

@@ -208,6 +208,42 @@ def test_load_failure_is_reported():
     assert len(failures) == 1
 
 
+class _BreakableEngine(FakeEngine):
+    """A fake engine that can break after it started (as the transformers engine does after a sticky CUDA error)
+    and reports a KV cache."""
+
+    broken: str | None = None
+
+    @property
+    def ready(self) -> bool:
+        return super().ready and self.broken is None
+
+    @property
+    def health_error(self) -> str | None:
+        return self.broken
+
+    def kv_cache_status(self) -> dict[str, int]:
+        return {"slots": 4, "slots_used": 1, "slot_tokens": 2048, "tokens_used": 600, "bytes": 4 * 2**20}
+
+
+def test_an_engine_that_breaks_turns_the_worker_unhealthy():
+    engine = _BreakableEngine(["fake"])
+    worker = ModelWorker(engine, no_register=True)
+    with TestClient(create_app(worker)) as client:
+        wait_until(lambda: client.get("/health").status_code == 200, timeout=5, message="worker ready")
+        assert client.post("/worker_get_status").json() == {
+            "model_names": ["fake"], "speed": 1.0, "queue_length": 0,
+            "kv_cache": {"slots": 4, "slots_used": 1, "slot_tokens": 2048, "tokens_used": 600, "bytes": 4 * 2**20}}
+        assert_good_request_works(client)
+        engine.broken = "the device failed (CUDA error: an illegal memory access was encountered); restart the worker"
+        r = client.get("/health")
+        assert r.status_code == 503
+        assert r.json()["status"] == "error" and "illegal memory access" in r.json()["error"]
+        [chunk] = stream(client, GOOD)
+        assert chunk.error_code == ErrorCode.INTERNAL_ERROR and "illegal memory access" in chunk.text
+        assert client.post("/worker_get_status").status_code == 200  # the controller can still ask
+
+
 def test_other_endpoints(worker_client):
     client, worker = worker_client
     status = client.post("/worker_get_status").json()
