@@ -47,7 +47,6 @@ from llava_med.engine.hf_support import (
     deliver,
     is_out_of_memory,
     length_groups,
-    parse_size,
     pixel_key,
 )
 from llava_med.errors import LlavaMedError
@@ -157,14 +156,9 @@ class HFEngine(Engine):
                            help="prompt tokens prefilled per scheduler step (at least one request)")
         group.add_argument("--image-cache-size", type=int, default=64,
                            help="images whose vision features are kept for reuse (0: off)")
-        group.add_argument("--allow-image-urls", action="store_true",
-                           help="let requests pass http(s) image URLs for the worker to fetch (off by default)")
         group.add_argument("--stream-min-interval", type=float, default=0.025,
                            help="seconds between two streamed updates of one request (0: every token); the text "
                                 "is cumulative, so nothing is lost")
-        group.add_argument("--kv-cache-memory", type=parse_size, default=None, metavar="SIZE",
-                           help="memory of the KV cache, allocated once at start (e.g. 6GiB); each request holds room "
-                                "for a whole context and waits for a free one (default: --kv-cache-fraction)")
         group.add_argument("--kv-cache-fraction", type=float, default=0.9,
                            help="without --kv-cache-memory: the share of the memory free after loading that the KV "
                                 "cache may take, on each device (default %(default)s); never more than "

@@ -5,10 +5,8 @@ Torch-free at import time, like the engine module itself: declaring the engine's
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import hashlib
-import re
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -21,23 +19,7 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = ["BatchingConfig", "EngineBusyError", "EngineStats", "EngineStoppedError", "FeatureCache",
-           "deliver", "is_out_of_memory", "length_groups", "parse_size", "pixel_key"]
-
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-def parse_size(text: str) -> int:
-    """``--kv-cache-memory``: bytes, or a number with a unit (``6GiB``, ``512MiB``, ``8GB``), as accelerate's
-    ``--max-memory`` (here without importing torch: the launcher declares this flag too)."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b|b)?\s*", text.lower())
-    if match is None:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size: give bytes or a number with a unit (6GiB, 512MiB)")
-    size = int(float(match.group(1)) * _UNITS[match.group(2) or ""])
-    if size < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: the size must be at least one byte")
-    return size
-
+           "deliver", "is_out_of_memory", "length_groups", "pixel_key"]
 
 @dataclass(frozen=True)
 class BatchingConfig:

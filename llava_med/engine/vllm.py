@@ -31,7 +31,6 @@ import importlib.util
 import itertools
 import json
 import logging
-import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +46,7 @@ from llava_med.model.naming import model_name_from_path
 if TYPE_CHECKING:
     from PIL import Image
 
-__all__ = ["VLLMEngine", "VLLMOptions", "parse_bytes", "parse_vllm_args"]
+__all__ = ["VLLMEngine", "VLLMOptions", "parse_vllm_args"]
 
 logger = logging.getLogger(__name__)
 
@@ -61,17 +60,6 @@ FORBID_BIAS = -100.0
 #: Requests the worker admits at once by default; vLLM queues what its batch cannot hold.
 DEFAULT_MAX_CONCURRENCY = 256
 _FINISH = {"stop": "stop", "length": "length", "abort": "cancelled"}
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
-
-
-def parse_bytes(text: str) -> int:
-    """``"64MiB"``, ``"2GiB"``, ``"512M"``, ``"1000000"`` -> bytes (binary units for K/M/G/T)."""
-    match = _SIZE.match(str(text))
-    if not match:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 64MiB, 2GiB)")
-    unit = (match.group(2) or "").lower().rstrip("b").rstrip("i")
-    scale = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}[unit]
-    return int(float(match.group(1)) * scale)
 
 
 def parse_vllm_args(text: str | None) -> dict[str, Any]:
@@ -166,9 +154,6 @@ class VLLMEngine(Engine):
                                 "2048 for LLaVA-Med v1.5)")
         group.add_argument("--gpu-memory-utilization", type=float, default=None,
                            help="share of GPU memory vLLM may take for weights and KV cache (vLLM's default 0.9)")
-        group.add_argument("--kv-cache-memory", type=parse_bytes, default=None, metavar="SIZE",
-                           help="KV cache size, e.g. 2GiB (instead of --gpu-memory-utilization; on CPUs also "
-                                "VLLM_CPU_KVCACHE_SPACE=<GiB>)")
         group.add_argument("--enforce-eager", action="store_true",
                            help="no CUDA graphs / torch.compile (starts faster, decodes slower)")
         group.add_argument("--quantization", default=None,

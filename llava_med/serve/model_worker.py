@@ -249,6 +249,11 @@ class ModelWorker:
         delay = RETRY_MIN_DELAY
         need_register = True
         while True:
+            if self.error is not None:
+                # A broken engine (e.g. a GPU left unusable) stops heartbeating: the controller drops this worker
+                # after its expiration and routes to the others; /health keeps saying why.
+                logger.error("not heartbeating any more: %s", self.error)
+                return
             try:
                 if need_register:
                     await self.register_to_controller()

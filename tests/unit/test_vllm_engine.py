@@ -14,7 +14,8 @@ import textwrap
 import pytest
 
 from llava_med.engine.registry import engine_class, engine_names
-from llava_med.engine.vllm import VLLMEngine, VLLMOptions, parse_bytes, parse_vllm_args
+from llava_med.engine.registry import parse_size as parse_bytes
+from llava_med.engine.vllm import VLLMEngine, VLLMOptions, parse_vllm_args
 from llava_med.errors import MissingDependencyError
 from llava_med.model.args import LoadConfig
 from llava_med.serve import launch, model_worker

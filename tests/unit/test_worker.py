@@ -12,7 +12,7 @@ import httpx
 import pytest
 import requests
 from fastapi.testclient import TestClient
-from servers import threaded_server, wait_until
+from servers import ThreadedServer, free_port, threaded_server, wait_until
 
 from llava_med.constants import SERVER_ERROR_MSG
 from llava_med.errors import ImageError
@@ -232,7 +232,7 @@ def test_an_engine_that_breaks_turns_the_worker_unhealthy():
     with TestClient(create_app(worker)) as client:
         wait_until(lambda: client.get("/health").status_code == 200, timeout=5, message="worker ready")
         assert client.post("/worker_get_status").json() == {
-            "model_names": ["fake"], "speed": 1.0, "queue_length": 0,
+            "model_names": ["fake"], "speed": 1.0, "queue_length": 0, "instance_id": worker.instance_id,
             "kv_cache": {"slots": 4, "slots_used": 1, "slot_tokens": 2048, "tokens_used": 600, "bytes": 4 * 2**20}}
         assert_good_request_works(client)
         engine.broken = "the device failed (CUDA error: an illegal memory access was encountered); restart the worker"
@@ -497,3 +497,21 @@ def test_status_reports_an_instance_id(worker_client):
     client, worker = worker_client
     status = client.post("/worker_get_status").json()
     assert status["instance_id"] == worker.instance_id and len(status["instance_id"]) == 32
+
+
+def test_a_broken_worker_stops_heartbeating_so_the_controller_drops_it():
+    from llava_med.serve.controller import Controller
+    from llava_med.serve.controller import create_app as create_controller_app
+
+    controller = Controller(heart_beat_expiration=1.0)
+    with threaded_server(create_controller_app(controller)) as ctrl:
+        engine = _BreakableEngine(["fake"])
+        port = free_port()
+        worker = ModelWorker(engine, worker_addr=f"http://127.0.0.1:{port}", controller_addr=ctrl.url,
+                             heart_beat_interval=0.2)
+        with ThreadedServer(create_app(worker), port=port):
+            wait_until(lambda: controller.list_models() == ["fake"], 10, message="registered")
+            time.sleep(1.5)  # heartbeats keep it past the expiration
+            assert controller.list_models() == ["fake"]
+            engine.broken = "the device failed (CUDA error: an illegal memory access was encountered)"
+            wait_until(lambda: controller.list_models() == [], 5, message="the broken worker expired")
