@@ -30,6 +30,7 @@ from llava_med.model.args import LoadConfig
 from llava_med.model.preprocess import make_clip_image_processor
 from llava_med.model.modeling import LlavaMedForCausalLM, build_projector
 from llava_med.model.naming import model_name_from_path
+from llava_med.model.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -444,10 +445,8 @@ def load_pretrained_model(cfg: LoadConfig) -> LoadedModel:
     logger.info("loading %s on %s as %s%s", folder, device, dtype,
                 " (8-bit)" if cfg.load_8bit else " (4-bit nf4)" if cfg.load_4bit else "")
 
-    from transformers import AutoTokenizer
-
     with _quiet_transformers():  # it warns that ``llava_mistral`` is not a model type it knows
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        tokenizer = load_tokenizer(folder)
     language_model = _load_language_model(folder, config, cfg, device, dtype)
     language_model.eval()
     first_device = language_model.get_input_embeddings().weight.device
