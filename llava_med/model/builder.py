@@ -95,14 +95,49 @@ def resolve_device(device: str) -> str:
 
 
 def resolve_dtype(dtype: str | None, device: str) -> torch.dtype:
-    """bf16 (or fp16 where bf16 is unsupported) on GPUs, fp16 on MPS, fp32 on CPU, unless asked otherwise."""
-    if dtype is not None:
+    """``auto`` (or None): bf16 (or fp16 where bf16 is unsupported) on GPUs, fp16 on MPS, bf16 on a CPU with native
+    bf16 instructions (see :func:`cpu_native_bf16`), fp32 on other CPUs."""
+    if dtype is not None and dtype != "auto":
         return DTYPES[dtype]
     if device == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     if device == "mps":
         return torch.float16
-    return torch.float32
+    return torch.bfloat16 if cpu_native_bf16() else torch.float32
+
+
+#: CPU flags (``/proc/cpuinfo``) of native bf16 arithmetic: x86 AVX512-BF16 and AMX, Arm's BF16 extension.
+CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16", "bf16")
+
+
+def cpu_native_bf16(cpuinfo: str | None = None) -> str | None:
+    """The CPU flag that gives this CPU native bf16 arithmetic, or None (also where ``/proc/cpuinfo`` is absent).
+
+    On such CPUs the ~100M model served 2.6x the tokens/s in bf16 than in fp32 (concurrency 16, measured side by
+    side); elsewhere bf16 is emulated and slower than fp32."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return None
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() in ("flags", "features"):
+            flags.update(value.split())
+    return next((flag for flag in CPU_BF16_FLAGS if flag in flags), None)
+
+
+def dtype_reason(dtype: str | None, device: str) -> str:
+    """Why :func:`resolve_dtype` chose what it did (for the startup log)."""
+    if dtype is not None and dtype != "auto":
+        return f"--dtype {dtype}"
+    if device != "cpu":
+        return f"--dtype auto on {device}"
+    flag = cpu_native_bf16()
+    if flag:
+        return f"--dtype auto: this CPU has native bf16 ({flag})"
+    return "--dtype auto: this CPU has no native bf16 (no avx512_bf16/amx_bf16), bf16 would be emulated"
 
 
 def resolve_checkpoint(model_path: str, *, local_files_only: bool = False) -> Path:
@@ -174,6 +209,29 @@ class CheckpointTensors:
 
     def keys(self) -> list[str]:
         return list(self._key_to_file)
+
+    @property
+    def safetensors_only(self) -> bool:
+        return all(name.endswith(".safetensors") for name in self._key_to_file.values())
+
+    @contextlib.contextmanager
+    def slices(self, keys: Iterable[str]):
+        """Lazy safetensors slices of ``keys`` read with ``pread`` (not mmap): a tensor is read when it is
+        materialised, into its own memory, and the checkpoint's file pages never count in this process's RSS."""
+        from safetensors import safe_open
+
+        handles: dict[str, Any] = {}
+        try:
+            out = {}
+            for key in keys:
+                fname = self._key_to_file[key]
+                if fname not in handles:
+                    handles[fname] = safe_open(str(self.folder / fname), framework="pt", backend="pread")
+                out[key] = handles[fname].get_slice(key)
+            yield out
+        finally:
+            for handle in handles.values():
+                handle.__exit__(None, None, None)
 
     def load(self, keys: Iterable[str]) -> dict[str, torch.Tensor]:
         by_file: dict[str, list[str]] = {}
@@ -254,7 +312,8 @@ def _short_list(keys: list[str], limit: int = 10) -> str:
     return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
-def _load_language_model(folder: Path, config: dict, cfg: LoadConfig, device: str, dtype: torch.dtype):
+def _load_language_model(folder: Path, config: dict, cfg: LoadConfig, device: str, dtype: torch.dtype,
+                         tensors: CheckpointTensors):
     config_cls, model_cls = _text_model_classes(config.get("model_type", ""))
     skip = {"model_type", "architectures", "_name_or_path", "transformers_version", "torch_dtype", "dtype"}
     text_config = config_cls.from_dict({k: v for k, v in config.items() if k not in skip})
@@ -273,7 +332,16 @@ def _load_language_model(folder: Path, config: dict, cfg: LoadConfig, device: st
         kwargs["quantization_config"] = quant
     # transformers prints a long table of the multimodal keys it does not own; we check them ourselves below.
     with _quiet_transformers():
-        model, info = model_cls.from_pretrained(str(folder), **kwargs)
+        if quant is not None and tensors.safetensors_only:
+            # Quantised weights are converted, never used in place: read each one with pread. transformers' mmap
+            # would leave every page of the bf16 checkpoint mapped until the end of loading (measured on the
+            # 7B-shaped checkpoint in 4-bit: 19 GB peak RSS instead of the ~6 GB that the model occupies).
+            del kwargs["local_files_only"]
+            text_keys = [k for k in tensors.keys() if not k.startswith(_MULTIMODAL_PREFIXES)]
+            with tensors.slices(text_keys) as state_dict:
+                model, info = model_cls.from_pretrained(None, state_dict=state_dict, **kwargs)
+        else:
+            model, info = model_cls.from_pretrained(str(folder), **kwargs)
     _check_language_model_keys(info, bool(config.get("tie_word_embeddings", False)))
     return model
 
@@ -345,7 +413,7 @@ def _image_processor_for(folder: Path | None, image_size: int):
     return make_clip_image_processor(image_size)
 
 
-def _load_vision_tower(folder: Path, config: dict, tensors: CheckpointTensors, cfg: LoadConfig):
+def _load_vision_tower(folder: Path, config: dict, tensors: CheckpointTensors, cfg: LoadConfig, dtype: torch.dtype):
     """Returns ``(vision_model, image_processor, source_description)``."""
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
@@ -366,7 +434,9 @@ def _load_vision_tower(folder: Path, config: dict, tensors: CheckpointTensors, c
         else:
             vision_config = _infer_vision_config(state)
             logger.warning("vision tower config inferred from the embedded weights (%s unavailable)", mm_vision_tower)
-        model = CLIPVisionModel(vision_config)
+        # Built in the compute dtype: a float32 tower (1.2 GB for ViT-L) converted afterwards would leave its freed
+        # float32 blocks in the heap.
+        model = CLIPVisionModel._from_config(vision_config, dtype=dtype)
         state.pop("embeddings.position_ids", None)
         result = model.load_state_dict(state, strict=False)
         if result.missing_keys or result.unexpected_keys:
@@ -442,15 +512,16 @@ def load_pretrained_model(cfg: LoadConfig) -> LoadedModel:
     tensors = CheckpointTensors(folder)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    logger.info("loading %s on %s as %s%s", folder, device, dtype,
-                " (8-bit)" if cfg.load_8bit else " (4-bit nf4)" if cfg.load_4bit else "")
+    logger.info("loading %s on %s as %s (%s)%s", folder, device, dtype, dtype_reason(cfg.dtype, device),
+                " with the language model in 8-bit" if cfg.load_8bit
+                else " with the language model in 4-bit nf4" if cfg.load_4bit else "")
 
     with _quiet_transformers():  # it warns that ``llava_mistral`` is not a model type it knows
         tokenizer = load_tokenizer(folder)
-    language_model = _load_language_model(folder, config, cfg, device, dtype)
+    language_model = _load_language_model(folder, config, cfg, device, dtype, tensors)
     language_model.eval()
     first_device = language_model.get_input_embeddings().weight.device
-    vision_tower, image_processor, vision_source = _load_vision_tower(folder, config, tensors, cfg)
+    vision_tower, image_processor, vision_source = _load_vision_tower(folder, config, tensors, cfg, dtype)
     projector = _load_projector(config, tensors, language_model.config.hidden_size)
     # Vision tower and projector stay unquantised in the compute dtype, on the device of the text embeddings.
     vision_tower.to(device=first_device, dtype=dtype).eval()
