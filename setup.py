@@ -38,8 +38,11 @@ setup(
     extras_require={
         "quant": ["bitsandbytes>=0.45"],
         "web": ["gradio>=6,<7"],
+        # The real Mistral v1 vocabulary of LLaVA-Med v1.5 (mistral_common/data/tokenizer.model.v1) for the random
+        # checkpoints of `llava-med make-tiny --preset small|7b`; only the file is read, the package is not imported.
+        "real-tokenizer": ["mistral_common>=1.8"],
         # gradio_client drives the web UI in tests; playwright drives the system's Chromium (no browser download).
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "gradio_client>=2,<3", "playwright>=1.40"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "gradio_client>=2,<3", "playwright>=1.40", "mistral_common>=1.8"],
     },
     entry_points={"console_scripts": ["llava-med=llava_med.__main__:main"]},
     classifiers=[

@@ -16,7 +16,7 @@ SUBCOMMANDS = {
     "launch": ("llava_med.serve.launch", "start a controller, workers and the web UI together (Ctrl-C stops all)"),
     "test-message": ("llava_med.serve.test_message", "send one message through a controller"),
     "register-worker": ("llava_med.serve.register_worker", "register a worker with a controller by hand"),
-    "make-tiny": ("llava_med.model.tiny", "build the tiny (or ~100M 'small') random checkpoint"),
+    "make-tiny": ("llava_med.model.tiny", "build a random checkpoint: tiny, ~150M 'small' or the real '7b' shapes"),
 }
 
 
