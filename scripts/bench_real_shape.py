@@ -52,7 +52,9 @@ sys.path.insert(0, str(ROOT))
 
 from llava_med.model.tiny import PRESETS, checkpoint_bytes, default_cache_dir  # noqa: E402
 from llava_med.serve.processes import ManagedProcess, free_port, peak_rss_bytes  # noqa: E402
-from llava_med.serve.protocol import iter_chunks  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "scripts"))
+from bench_worker import _one_request  # noqa: E402  (the batching benchmark's streaming client)
 
 GIB = 2**30
 MODES = {"bf16": [], "8bit": ["--load-8bit"], "4bit": ["--load-4bit"]}
@@ -109,7 +111,6 @@ class Timing:
     first: float
     end: float
     tokens: int
-    prompt_tokens: int
 
     @property
     def ttft(self) -> float:
@@ -130,20 +131,15 @@ def stream(url: str, prompt: str, new_tokens: int, images: list[str] | None = No
     payload = {"model": "bench", "prompt": prompt, "images": images or [], "temperature": 0.0,
                "max_new_tokens": new_tokens, "ignore_eos": True, "echo": False}
     start = time.perf_counter()
-    first = None
-    last = None
-    with httpx.stream("POST", f"{url}/worker_generate_stream", json=payload, timeout=3600.0) as resp:
-        resp.raise_for_status()
-        for chunk in iter_chunks(resp.iter_bytes()):
-            if chunk.error_code:
-                raise RuntimeError(f"worker error {chunk.error_code}: {chunk.text}")
-            if first is None and chunk.text:
-                first = time.perf_counter()
-            last = chunk
-    end = time.perf_counter()
-    usage = (last.usage if last is not None else None) or {}
-    return Timing(start, first if first is not None else end, end, int(usage.get("completion_tokens", 0)),
-                  int(usage.get("prompt_tokens", 0)))
+    ttft, tokens = _one_request(url, payload)
+    return Timing(start, start + ttft, time.perf_counter(), tokens)
+
+
+def prompt_positions(url: str, prompt: str) -> int:
+    """Positions the prompt takes in the model (each image placeholder counts as its image's tokens)."""
+    resp = httpx.post(f"{url}/count_token", json={"prompt": prompt}, timeout=60.0)
+    resp.raise_for_status()
+    return int(resp.json()["count"])
 
 
 @dataclass
@@ -183,10 +179,10 @@ def run_mode(mode: str, ckpt: Path, config: dict, new_tokens: int, log_dir: Path
         one = stream(url, TEXT_PROMPT.format(i=1), new_tokens)
         result.ttft_text_s = one.ttft
         result.decode_c1 = (one.tokens - 1) / (one.end - one.first)
-        result.context = one.prompt_tokens + one.tokens // 2
+        result.context = prompt_positions(url, TEXT_PROMPT.format(i=1)) + one.tokens // 2
         image = stream(url, IMAGE_PROMPT, 2, [_image_b64()])
         result.ttft_image_s = image.ttft
-        result.image_prompt_tokens = image.prompt_tokens
+        result.image_prompt_tokens = prompt_positions(url, IMAGE_PROMPT)
         print(f"  {mode}: ttft text {result.ttft_text_s:.2f} s, image {result.ttft_image_s:.2f} s, "
               f"decode c=1 {result.decode_c1:.2f} tok/s", flush=True)
         with ThreadPoolExecutor(max_workers=4) as pool:
