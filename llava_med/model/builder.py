@@ -346,6 +346,34 @@ def _load_language_model(folder: Path, config: dict, cfg: LoadConfig, device: st
     return model
 
 
+def _release_freed_memory() -> None:
+    """Return the heap's free pages to the OS (glibc ``malloc_trim``; a no-op elsewhere). Weights converted in
+    place free blocks of tens of MB that glibc keeps in its heap otherwise."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        if libc is not None and hasattr(libc, "malloc_trim"):
+            libc.malloc_trim(0)
+    except OSError:
+        pass
+
+
+@torch.inference_mode()
+def _convert_4bit_for_cpu(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """bitsandbytes converts each 4-bit weight to its CPU kernel's layout on the module's first forward. Done then,
+    during the first request, it fragments the heap (measured on the 7B-shaped checkpoint: +3 GiB RSS and a 20 s
+    first request): do it now, one module at a time, returning the freed memory after each."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module(torch.zeros(1, module.in_features, dtype=dtype))
+            _release_freed_memory()
+
+
 @contextlib.contextmanager
 def _quiet_transformers():
     """Silence transformers' warnings for one call whose outcome we check ourselves."""
@@ -520,6 +548,10 @@ def load_pretrained_model(cfg: LoadConfig) -> LoadedModel:
         tokenizer = load_tokenizer(folder)
     language_model = _load_language_model(folder, config, cfg, device, dtype, tensors)
     language_model.eval()
+    if device == "cpu" and cfg.load_4bit:
+        _convert_4bit_for_cpu(language_model, dtype)
+    if device == "cpu" and (cfg.load_4bit or cfg.load_8bit):
+        _release_freed_memory()  # what quantising while loading freed
     first_device = language_model.get_input_embeddings().weight.device
     vision_tower, image_processor, vision_source = _load_vision_tower(folder, config, tensors, cfg, dtype)
     projector = _load_projector(config, tensors, language_model.config.hidden_size)
