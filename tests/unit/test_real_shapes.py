@@ -172,3 +172,14 @@ def test_startup_log_says_which_dtype_and_why(tiny_checkpoint, monkeypatch, capl
     assert loaded.model.language_model.dtype == torch.bfloat16
     assert next(loaded.model.vision_tower.parameters()).dtype == torch.bfloat16
     assert "as torch.bfloat16 (--dtype auto: this CPU has native bf16 (avx512_bf16))" in caplog.text
+
+
+def test_4bit_weights_are_in_the_cpu_kernel_layout_once_loaded(tiny_checkpoint):
+    """bitsandbytes would convert them on the first request (+3 GiB RSS and a 20 s first request on the 7B shapes)."""
+    import bitsandbytes as bnb  # the [quant] extra, installed by scripts/test.sh
+    loaded = load_pretrained_model(LoadConfig(model_path=str(tiny_checkpoint), load_4bit=True))
+    linears = [m for m in loaded.model.language_model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert linears
+    for module in linears:
+        expected = bool(getattr(module, "support_avx512bf16_for_cpu", False))
+        assert bool(getattr(module.weight.quant_state, "packing_format_for_cpu", False)) == expected
