@@ -183,3 +183,43 @@ def test_4bit_weights_are_in_the_cpu_kernel_layout_once_loaded(tiny_checkpoint):
     for module in linears:
         expected = bool(getattr(module, "support_avx512bf16_for_cpu", False))
         assert bool(getattr(module.weight.quant_state, "packing_format_for_cpu", False)) == expected
+
+
+def test_packed_linear_computes_what_linear_computes():
+    from llava_med.model.cpu_linear import PackedLinear, packing_available
+
+    assert packing_available()  # torch's CPU wheel ships oneDNN
+    torch.manual_seed(0)
+    for bias in (False, True):
+        linear = torch.nn.Linear(256, 96, bias=bias).to(torch.bfloat16)
+        packed = PackedLinear(linear)
+        for shape in ((1, 256), (3, 1, 256), (2, 7, 256)):
+            x = torch.randn(*shape).to(torch.bfloat16)
+            expected = torch.nn.functional.linear(x.float(), linear.weight.float(),
+                                                  None if linear.bias is None else linear.bias.float())
+            got = packed(x)
+            assert got.shape == expected.shape and got.dtype == torch.bfloat16
+            torch.testing.assert_close(got.float(), expected, rtol=2e-2, atol=2e-2)
+
+
+def test_bf16_on_cpu_packs_the_decoder_linears_and_answers_like_unpacked(tiny_checkpoint, monkeypatch):
+    from llava_med.model import cpu_linear
+
+    params = SamplingParams(temperature=0, max_new_tokens=6)
+    packed = load_pretrained_model(LoadConfig(model_path=str(tiny_checkpoint), dtype="bfloat16"))
+    kinds = {type(m).__name__ for m in packed.model.language_model.model.layers.modules()}
+    assert "PackedLinear" in kinds and "Linear" not in kinds
+    assert type(packed.model.language_model.lm_head) is torch.nn.Linear
+    monkeypatch.setattr(builder, "packing_available", lambda: False)
+    plain = load_pretrained_model(LoadConfig(model_path=str(tiny_checkpoint), dtype="bfloat16"))
+    assert not any(isinstance(m, cpu_linear.PackedLinear) for m in plain.model.modules())
+    prompt = "[INST] <image>\nWhat is shown? [/INST]"
+    prep_a = prepare_prompt(packed, prompt, [scan()])
+    prep_b = prepare_prompt(plain, prompt, [scan()])
+    with torch.inference_mode():
+        emb_a = packed.model.embed_prompt(prep_a.input_ids, list(packed.model.encode_images(prep_a.pixel_values)))
+        emb_b = plain.model.embed_prompt(prep_b.input_ids, list(plain.model.encode_images(prep_b.pixel_values)))
+        logits_a = packed.model(inputs_embeds=emb_a.unsqueeze(0)).logits.float()
+        logits_b = plain.model(inputs_embeds=emb_b.unsqueeze(0)).logits.float()
+    torch.testing.assert_close(logits_a, logits_b, rtol=0.05, atol=0.1)
+    assert generate(packed, prompt, [scan()], params) and generate(plain, prompt, [scan()], params)
