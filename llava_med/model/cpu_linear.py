@@ -59,12 +59,14 @@ def pack_linears(model: nn.Module, *, after_each: Callable[[], None] | None = No
     if layers is None:
         return 0
     count = 0
-    for parent in list(layers.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is nn.Linear and child.weight.dtype == torch.bfloat16 and child.weight.device.type == "cpu":
-                setattr(parent, name, PackedLinear(child))
-                del child
-                count += 1
-                if after_each is not None:
-                    after_each()
+    # No list may hold a replaced Linear: its weight must be freed as soon as its packed copy exists.
+    parents = [m for m in layers.modules() if not isinstance(m, nn.Linear)]
+    for parent in parents:
+        names = [name for name, child in parent.named_children() if type(child) is nn.Linear
+                 and child.weight.dtype == torch.bfloat16 and child.weight.device.type == "cpu"]
+        for name in names:
+            setattr(parent, name, PackedLinear(getattr(parent, name)))
+            count += 1
+            if after_each is not None:
+                after_each()
     return count
