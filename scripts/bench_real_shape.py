@@ -302,9 +302,9 @@ def report(args: argparse.Namespace, bw: list[dict], build: dict | None, results
         "",
         f"Requests: greedy, `ignore_eos`, {args.new_tokens} new tokens for the decode figures; text prompt ~25 "
         f"tokens; image prompt {max((r.image_prompt_tokens for r in results), default=0)} tokens (576 of them the "
-        "image). Load = worker process start to `/health` (on a CPU every mode reads the shards with pread and converts "
-        "the decoder's weights while loading: bf16 packs them for oneDNN, 8-bit and 4-bit quantise them). Peak RSS = "
-        "the worker's `VmHWM`.",
+        "image). Load = worker process start to `/health` (bf16 maps the shards, so its first request pages the "
+        "weights in; 8-bit and 4-bit read them with pread and quantise them while loading). Peak RSS = the worker's "
+        "`VmHWM`.",
     ]
     if cli:
         lines += ["", f"CLI one-shot answer with an image on the bf16 model (`llava-med chat --query ... --image-file "

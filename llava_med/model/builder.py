@@ -27,7 +27,6 @@ import torch
 
 from llava_med.errors import CheckpointError, MissingDependencyError
 from llava_med.model.args import LoadConfig
-from llava_med.model.cpu_linear import pack_linears, packing_available
 from llava_med.model.preprocess import make_clip_image_processor
 from llava_med.model.modeling import LlavaMedForCausalLM, build_projector
 from llava_med.model.naming import model_name_from_path
@@ -333,11 +332,10 @@ def _load_language_model(folder: Path, config: dict, cfg: LoadConfig, device: st
         kwargs["quantization_config"] = quant
     # transformers prints a long table of the multimodal keys it does not own; we check them ourselves below.
     with _quiet_transformers():
-        if (quant is not None or packs_linears(device, dtype, cfg)) and device == "cpu" and tensors.safetensors_only:
-            # Weights that are converted (quantised or packed), never used in place: read each one with pread.
-            # transformers' mmap would leave every page of the bf16 checkpoint mapped until the end of loading
-            # (measured on the 7B-shaped checkpoint in 4-bit on a CPU: 19 GB peak RSS instead of the ~6 GB the
-            # model occupies; packing bf16 weights would hold them twice).
+        if quant is not None and device == "cpu" and tensors.safetensors_only:
+            # Quantised weights are converted, never used in place: read each one with pread. transformers' mmap
+            # would leave every page of the bf16 checkpoint mapped until the end of loading (measured on the
+            # 7B-shaped checkpoint in 4-bit on a CPU: 19 GB peak RSS instead of the ~6 GB the model occupies).
             del kwargs["local_files_only"]
             text_keys = [k for k in tensors.keys() if not k.startswith(_MULTIMODAL_PREFIXES)]
             with tensors.slices(text_keys) as state_dict:
@@ -346,12 +344,6 @@ def _load_language_model(folder: Path, config: dict, cfg: LoadConfig, device: st
             model, info = model_cls.from_pretrained(str(folder), **kwargs)
     _check_language_model_keys(info, bool(config.get("tie_word_embeddings", False)))
     return model
-
-
-def packs_linears(device: str, dtype: torch.dtype, cfg: LoadConfig) -> bool:
-    """Whether the decoder's bf16 linear weights are pre-packed for oneDNN (see :mod:`llava_med.model.cpu_linear`):
-    on a CPU, in bf16, unquantised."""
-    return device == "cpu" and dtype == torch.bfloat16 and not (cfg.load_8bit or cfg.load_4bit) and packing_available()
 
 
 def _release_freed_memory() -> None:
@@ -558,9 +550,6 @@ def load_pretrained_model(cfg: LoadConfig) -> LoadedModel:
     language_model.eval()
     if device == "cpu" and cfg.load_4bit:
         _convert_4bit_for_cpu(language_model, dtype)
-    if packs_linears(device, dtype, cfg):
-        packed = pack_linears(language_model, after_each=_release_freed_memory)
-        logger.info("packed %d bf16 linear layers for oneDNN (faster decoding on a CPU)", packed)
     if device == "cpu" and (cfg.load_4bit or cfg.load_8bit):
         _release_freed_memory()  # what quantising while loading freed
     first_device = language_model.get_input_embeddings().weight.device
