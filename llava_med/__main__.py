@@ -19,7 +19,7 @@ SUBCOMMANDS = {
     "status": ("llava_med.serve.status", "show a controller's workers, models, queues and health"),
     "test-message": ("llava_med.serve.test_message", "send one message through a controller"),
     "register-worker": ("llava_med.serve.register_worker", "register a worker with a controller by hand"),
-    "make-tiny": ("llava_med.model.tiny", "build the tiny (or ~100M 'small') random checkpoint"),
+    "make-tiny": ("llava_med.model.tiny", "build a random checkpoint: tiny, ~150M 'small' or the real '7b' shapes"),
     "eval": ("llava_med.eval.cli", "benchmarks: model_vqa, vqa_metrics, chat_judge, summarize_judge"),
     "convert": ("llava_med.model.convert", "convert an original LLaVA-Med checkpoint to the transformers Llava format"),
 }

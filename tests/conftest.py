@@ -16,6 +16,12 @@ if _TESTS_DIR not in sys.path:
 
 from servers import FAST_HEARTBEAT_ENV, ProcessGroup  # noqa: E402
 
+# Exactness tests (the model against an independent implementation, batched against single greedy tokens) and the
+# recorded golden streams are float32. ``--dtype auto`` would pick bf16 on a CPU with native bf16, so the default of
+# every model loaded by the tests, in process or in a server process (which inherits the environment), is float32.
+# A test that wants another dtype passes it explicitly.
+os.environ.setdefault("LLAVA_MED_DTYPE", "float32")
+
 # Fixtures of the tiny real checkpoint (tests/model_fixtures.py).
 pytest_plugins = ["model_fixtures"]
 

@@ -241,8 +241,10 @@ class VLLMEngine(Engine):
 
     def _prepare_folder(self) -> _Served:
         """Convert the checkpoint if needed (blocking: runs in a thread) and load what our checks need."""
-        from transformers import AutoConfig, AutoTokenizer
+        from transformers import AutoConfig
         from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+        from llava_med.model.tokenizer import load_tokenizer
 
         from llava_med.model.convert import conversion_info, ensure_converted
         from llava_med.model.tiny import ensure_checkpoint
@@ -261,7 +263,7 @@ class VLLMEngine(Engine):
                                   local_files_only=self.load_config.local_files_only)
         info = conversion_info(folder) or {}
         config = AutoConfig.from_pretrained(str(folder))
-        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        tokenizer = load_tokenizer(folder)  # prompts are tokenised here, exactly as the hf engine does
         image_token_id = int(config.image_token_index)
         if tokenizer.convert_tokens_to_ids(DEFAULT_IMAGE_TOKEN) != image_token_id:
             raise LlavaMedError(f"{folder}: the tokenizer's {DEFAULT_IMAGE_TOKEN} is not the config's image token "

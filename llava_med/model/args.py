@@ -7,16 +7,24 @@ Torch-free: processes that only parse flags (the launcher, a fake-engine worker)
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass
 
 from llava_med.conversation import template_names
 
-__all__ = ["DEVICES", "DTYPE_NAMES", "LoadConfig", "add_model_args", "load_config_from_args"]
+__all__ = ["DEVICES", "DTYPE_NAMES", "LoadConfig", "add_model_args", "default_dtype", "load_config_from_args"]
 
 DEVICES = ("auto", "cuda", "cpu", "mps")
-#: ``--dtype`` names (aliases accepted by :class:`LoadConfig`: fp32, fp16, bf16).
-DTYPE_NAMES = ("float32", "float16", "bfloat16")
+#: ``--dtype`` names (aliases accepted by :class:`LoadConfig`: fp32, fp16, bf16). ``auto``: bf16 (fp16 where bf16
+#: is unsupported) on GPUs, fp16 on MPS, bf16 on a CPU with native bf16 instructions, else fp32.
+DTYPE_NAMES = ("auto", "float32", "float16", "bfloat16")
 _DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+DTYPE_ENV = "LLAVA_MED_DTYPE"
+
+
+def default_dtype() -> str:
+    """The dtype used when none is given: env ``LLAVA_MED_DTYPE`` (the test suite sets float32), else ``auto``."""
+    return os.environ.get(DTYPE_ENV) or "auto"
 
 
 @dataclass(frozen=True)
@@ -39,11 +47,12 @@ class LoadConfig:
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
             raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
-        if self.dtype is not None:
-            dtype = _DTYPE_ALIASES.get(self.dtype, self.dtype)
-            if dtype not in DTYPE_NAMES:
-                raise ValueError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {self.dtype!r}")
-            object.__setattr__(self, "dtype", dtype)
+        given = self.dtype if self.dtype is not None else default_dtype()
+        dtype = _DTYPE_ALIASES.get(given, given)
+        if dtype not in DTYPE_NAMES:
+            source = "" if self.dtype is not None else f" (from {DTYPE_ENV})"
+            raise ValueError(f"dtype must be one of {', '.join(DTYPE_NAMES)}, got {given!r}{source}")
+        object.__setattr__(self, "dtype", dtype)
         if self.load_8bit and self.load_4bit:
             raise ValueError("choose one of --load-8bit and --load-4bit")
         if self.num_gpus < 1:
@@ -64,7 +73,8 @@ def add_model_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup, *,
         group.add_argument("--model-name", default=None, help="name to serve/show (default: the folder's name)")
     group.add_argument("--device", default="auto", choices=list(DEVICES))
     group.add_argument("--dtype", default=None, choices=list(DTYPE_NAMES),
-                       help="default: bfloat16 (or float16) on GPUs, float16 on MPS, float32 on CPU")
+                       help=f"default: ${DTYPE_ENV}, else auto: bfloat16 (or float16) on GPUs, float16 on MPS, "
+                            "bfloat16 on a CPU with native bf16 (avx512_bf16, AMX), else float32")
     group.add_argument("--load-8bit", action="store_true", help="quantise the language model to 8 bits (bitsandbytes)")
     group.add_argument("--load-4bit", action="store_true", help="quantise the language model to 4-bit nf4 (bitsandbytes)")
     group.add_argument("--num-gpus", type=int, default=1, help="spread the model over this many GPUs")

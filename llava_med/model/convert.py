@@ -219,12 +219,14 @@ def _check_written(written: Mapping[str, tuple[int, ...]], expected: Mapping[str
 
 def _save_tokenizer_and_processor(source: Path, out: Path, image_processor, native_config, old_vocab: int) -> None:
     from tokenizers import AddedToken
-    from transformers import AutoTokenizer, LlavaProcessor
+    from transformers import LlavaProcessor
 
     from llava_med.model.builder import _quiet_transformers
+    from llava_med.model.tokenizer import load_tokenizer
 
     with _quiet_transformers():  # it warns that ``llava_mistral`` is not a model type it knows
-        tokenizer = AutoTokenizer.from_pretrained(str(source), local_files_only=True)
+        # The loader's tokenizer (it encodes as sentencepiece did in training); the saved tokenizer.json keeps that.
+        tokenizer = load_tokenizer(source)
     if len(tokenizer) != old_vocab:
         raise CheckpointError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary is {old_vocab}: "
                               f"{DEFAULT_IMAGE_TOKEN} could not take id {old_vocab}")
