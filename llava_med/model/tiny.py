@@ -36,6 +36,7 @@ import logging
 import math
 import os
 import random
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path

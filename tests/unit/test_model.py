@@ -283,6 +283,8 @@ def _fake_gpus(monkeypatch, *capabilities: tuple[int, int], name: str = "Tesla V
 def test_dtype_on_gpus_is_bf16_only_with_native_support(monkeypatch, caplog):
     from llava_med.model.builder import choose_dtype
 
+    monkeypatch.delenv("LLAVA_MED_DTYPE", raising=False)  # the suite pins float32: here, the default choice
+    monkeypatch.setattr("llava_med.model.builder.cpu_native_bf16", lambda: None)
     _fake_gpus(monkeypatch, (7, 0))  # V100: bf16 only emulated
     assert choose_dtype(LoadConfig(), "cuda") == (
         torch.float16, "Tesla V100-SXM2-16GB (compute capability 7.0) has no native bfloat16")
@@ -298,7 +300,7 @@ def test_dtype_on_gpus_is_bf16_only_with_native_support(monkeypatch, caplog):
     _fake_gpus(monkeypatch, (9, 0), name="NVIDIA H100")
     assert choose_dtype(LoadConfig(load_8bit=True), "cuda") == (torch.float16, "--load-8bit computes in float16")
     assert choose_dtype(LoadConfig(load_4bit=True), "cuda")[0] == torch.bfloat16
-    assert choose_dtype(LoadConfig(), "cpu") == (torch.float32, "the default on cpu")
+    assert choose_dtype(LoadConfig(), "cpu")[0] == torch.float32  # a CPU without native bf16
 
 
 @pytest.mark.parametrize("flag", ["load_8bit", "load_4bit"])

@@ -171,7 +171,7 @@ def test_startup_log_says_which_dtype_and_why(tiny_checkpoint, monkeypatch, capl
         loaded = load_pretrained_model(LoadConfig(model_path=str(tiny_checkpoint), dtype="auto"))
     assert loaded.model.language_model.dtype == torch.bfloat16
     assert next(loaded.model.vision_tower.parameters()).dtype == torch.bfloat16
-    assert "as torch.bfloat16 (--dtype auto: this CPU has native bf16 (avx512_bf16))" in caplog.text
+    assert "as bfloat16 (--dtype auto: this CPU has native bf16 (avx512_bf16))" in caplog.text
 
 
 def test_4bit_weights_are_in_the_cpu_kernel_layout_once_loaded(tiny_checkpoint):
