@@ -520,7 +520,7 @@ class DicomInfo:
             out.append(("Body part", self.body_part))
         if self.series_description:
             out.append(("Series", self.series_description))
-        if self.slice_location is not None:
+        if self.slice_location is not None and self.frames == 1:  # a multi-frame file's is not each frame's
             out.append(("Slice position", f"{self.slice_location:g} mm"))
         if self.slice_thickness is not None:
             out.append(("Slice thickness", f"{self.slice_thickness:g} mm"))

@@ -30,7 +30,8 @@ from llava_med.images.dicom import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DicomStack", "SeriesLimits", "Slice", "is_dicom_bytes", "is_zip_bytes", "open_stack", "read_zip"]
+__all__ = ["DicomStack", "SeriesLimits", "Slice", "format_bytes", "is_dicom_bytes", "is_zip_bytes", "open_stack",
+           "read_zip"]
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,8 @@ class SeriesLimits:
         if count > self.max_files:
             raise ImageTooLargeError(f"{what} holds {count} files; the limit is {self.max_files}")
         if total > self.max_total_bytes:
-            raise ImageTooLargeError(f"{what} is {_mb(total)} in all; the limit is {_mb(self.max_total_bytes)}")
+            raise ImageTooLargeError(f"{what} is {format_bytes(total)} in all; the limit is "
+                                     f"{format_bytes(self.max_total_bytes)}")
 
 
 @dataclass(frozen=True)
@@ -121,8 +123,8 @@ def read_zip(data: bytes, name: str, *, limits: ImageLimits, series: SeriesLimit
         series.check(len(members), sum(m.file_size for m in members), name)
         too_big = next((m for m in members if m.file_size > limits.max_bytes), None)
         if too_big is not None:
-            raise ImageTooLargeError(f"{too_big.filename} in {name} is {_mb(too_big.file_size)}; the limit for one "
-                                     f"file is {_mb(limits.max_bytes)}")
+            raise ImageTooLargeError(f"{too_big.filename} in {name} is {format_bytes(too_big.file_size)}; the limit "
+                                     f"for one file is {format_bytes(limits.max_bytes)}")
         if any(m.flag_bits & 0x1 for m in members):
             raise ImageError(f"{name} is encrypted; upload an unencrypted .zip")
         files = []
@@ -195,5 +197,6 @@ def _hidden(path: str) -> bool:
     return parts[0] == "__MACOSX" or any(p.startswith(".") for p in parts if p)
 
 
-def _mb(n_bytes: int) -> str:
-    return f"{n_bytes / (1024 * 1024):.1f} MB" if n_bytes >= 1024 * 1024 else f"{n_bytes} bytes"
+def format_bytes(n_bytes: int) -> str:
+    """``1.5 MB`` (from 1 MiB on) or ``12,345 bytes``."""
+    return f"{n_bytes / (1024 * 1024):.1f} MB" if n_bytes >= 1024 * 1024 else f"{n_bytes:,} bytes"

@@ -19,6 +19,7 @@ class Example:
     path: str
     question: str
     source: str
+    thumbnail: str | None = None  # a small PNG of the image as the model sees it (DICOM rendered)
 
 
 def draw_chest_xray(size: int = 512, seed: int = 0) -> Image.Image:
@@ -219,5 +220,14 @@ def prepare_examples(folder: str | os.PathLike[str]) -> list[Example]:
         examples.append(Example(drawn(draw_histology(), "synthetic_histology.png"),
                                 "What staining technique was used, and what structures are visible?",
                                 "drawn by code"))
-    return examples
+    return [dataclasses.replace(e, thumbnail=drawn(_thumbnail(e.path), f"thumb_{Path(e.path).stem}.png"))
+            for e in examples]
+
+
+def _thumbnail(path: str, side: int = 256) -> Image.Image:
+    from llava_med.images.decode import load_image
+
+    image = load_image(Path(path).read_bytes())
+    image.thumbnail((side, side), Image.Resampling.LANCZOS)
+    return image
 
