@@ -1,4 +1,5 @@
-"""The page's own CSS and script (passed to Gradio as ``css`` and ``head``).
+"""The page's own CSS and script (passed to Gradio as ``css`` and ``head``; Gradio scopes ``css`` to the page's
+content, so the few rules about the page around it are in ``head``).
 
 The script does what Gradio components cannot: a file dropped anywhere on the page (or pasted) goes to the image
 panel's upload, and the question box shows a character counter near the limit and refuses to send above it.
@@ -64,14 +65,15 @@ CSS = """
 #llava-med-chat .user-row .image-frame img {max-height: 160px; max-width: 220px; width: auto; border-radius: 8px;}
 #llava-med-chat .user-row .image-container {max-width: 240px;}
 #llava-med-chat button[aria-label="Share"] {display: none;}
-#llava-med-input {position: relative;}
-#llava-med-input textarea {padding-right: 110px;}
-#llava-med-counter {position: absolute; right: 10px; bottom: 8px; font-size: 0.8rem; opacity: 0.75;
-  pointer-events: none; font-variant-numeric: tabular-nums; z-index: 5;}
-#llava-med-counter.over {color: #dc2626; opacity: 1; font-weight: 600; position: static; display: block;
-  padding: 4px 2px 0;}
+#llava-med-counter-box {min-height: 0 !important; margin-top: -6px;}
+#llava-med-counter-box:has(#llava-med-counter:empty) {display: none;}
+#llava-med-counter {font-size: 0.8rem; opacity: 0.75; text-align: right; font-variant-numeric: tabular-nums;
+  min-height: 0;}
+#llava-med-counter:empty {display: none;}
+#llava-med-counter.over {color: #dc2626; opacity: 1; font-weight: 600;}
 .dark #llava-med-counter.over {color: #fca5a5;}
-#llava-med-send, #llava-med-stop {align-self: stretch; min-height: 44px;}
+#llava-med-send, #llava-med-stop {align-self: stretch; min-height: 44px; max-height: 120px;}
+#llava-med-send.llava-med-blocked {opacity: 0.45; cursor: not-allowed;}
 #llava-med-actions {gap: 6px; align-items: center; flex-wrap: wrap;}
 #llava-med-actions button {flex: 0 1 auto; min-width: 0;}
 #llava-med-feedback {min-height: 1.2em; font-size: 0.85rem; color: var(--color-accent);}
@@ -91,7 +93,6 @@ CSS = """
 
 /* Narrow screens: the conversation first, the image panel and the controls below it. */
 @media (max-width: 820px) {
-  .gradio-container .main {padding-left: 10px !important; padding-right: 10px !important;}
   #llava-med-main {flex-direction: column;}
   #llava-med-main > .column {min-width: 0 !important; width: 100%;}
   #llava-med-chat-column {order: -1;}
@@ -105,6 +106,12 @@ CSS = """
 """
 
 _SCRIPT = """
+<style>
+/* Gradio scopes the page's CSS inside its content; the page margins around it are set here. */
+@media (max-width: 820px) {
+  .gradio-container .main.app {padding-left: 10px; padding-right: 10px;}
+}
+</style>
 <script>
 (() => {
   const LIMIT = __LIMIT__, SHOW_FROM = __SHOW_FROM__;
@@ -152,15 +159,8 @@ _SCRIPT = """
   const textarea = () => document.querySelector("#llava-med-input textarea");
   const tooLong = () => (textarea()?.value.length || 0) > LIMIT;
   function updateCounter() {
-    const box = document.getElementById("llava-med-input"), area = textarea();
-    if (!box || !area) return;
-    let counter = document.getElementById("llava-med-counter");
-    if (!counter) {
-      counter = document.createElement("div");
-      counter.id = "llava-med-counter";
-      counter.setAttribute("aria-live", "polite");
-      box.appendChild(counter);
-    }
+    const counter = document.getElementById("llava-med-counter"), area = textarea();
+    if (!counter || !area) return;
     const n = area.value.length;
     let text = "";
     if (n > LIMIT) {

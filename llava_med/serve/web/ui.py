@@ -150,6 +150,9 @@ class WebUI(Handlers):
                         c.send = gr.Button("Send", variant="primary", scale=1, min_width=90, elem_id="llava-med-send")
                         c.stop = gr.Button("■ Stop", variant="stop", scale=1, min_width=90, visible=False,
                                            elem_id="llava-med-stop")
+                    # The question box's character counter (written by the page's script, assets.py).
+                    gr.HTML('<div id="llava-med-counter" aria-live="polite"></div>', elem_id="llava-med-counter-box",
+                            padding=False)
                     with gr.Row(elem_id="llava-med-actions"):
                         small = {"size": "sm", "min_width": 0, "scale": 0}
                         c.regenerate = gr.Button("↻ Regenerate", interactive=False, elem_id="llava-med-regenerate",
