@@ -123,6 +123,25 @@ def test_info_shows_what_the_image_is_and_never_who() -> None:
         read_dicom_info(b"not a dicom file at all" * 10)
 
 
+def test_invalid_identifying_values_are_never_logged_or_warned(caplog: pytest.LogCaptureFixture) -> None:
+    """pydicom warns about invalid values it reads (quoting some of them): none of the identifying ones may reach a
+    log or a warning through reading, rendering or the tags shown."""
+    import warnings
+
+    with warnings.catch_warnings(), pydicom.config.disable_value_validation():
+        warnings.simplefilter("ignore")
+        data = phi_ct_dicom(frames=2, PatientName="Doe^Jane" + "Q" * 70, PatientBirthDate="1951-03-17",
+                            InstitutionName="Springfield General Hospital " * 3, SeriesDescription="S" * 80)
+    caplog.set_level("DEBUG")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        read_dicom_info(data)
+        dicom_to_image(data, options=DicomOptions("lung", 1))
+        open_stack([("v.dcm", data)], limits=ImageLimits()).render(0, "bone")
+    said = caplog.text + " ".join(str(w.message) for w in caught)
+    assert not [v for v in ("Doe", "1951", "Springfield", "QQQ") if v in said], said
+
+
 def test_series_is_ordered_by_position_and_renders_each_slice() -> None:
     files = ct_series(5)
     stack = open_stack(files, limits=ImageLimits())

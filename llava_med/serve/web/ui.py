@@ -49,6 +49,8 @@ __all__ = ["WebUI", "build_demo", "create_app", "require_gradio"]
 
 logger = logging.getLogger(__name__)
 
+#: Seconds an image panel's state (the uploaded bytes) is kept after its last change.
+PANEL_TTL = 4 * 3600
 PLACEHOLDER = ("### Ask LLaVA-Med about a biomedical image\nDrop or paste an image in the panel (PNG, JPEG, TIFF, "
                "DICOM, or a DICOM series as several files or a .zip), or pick an example below, then ask.")
 
@@ -96,7 +98,9 @@ class WebUI(Handlers):
         banner_text = "" if models else controller_banner(cfg.controller_url, reachable=self.initial_reachable)
         with gr.Blocks(title="LLaVA-Med", analytics_enabled=False, fill_height=False) as demo:
             c.state = gr.State(None)
-            c.panel = gr.State(None)
+            # The panel holds the uploaded bytes (a series may be hundreds of MB): kept for a few idle hours at
+            # most; Gradio also drops it when the tab closes.
+            c.panel = gr.State(None, time_to_live=PANEL_TTL)
             with gr.Row(elem_id="llava-med-header", equal_height=True):
                 with gr.Column(scale=3, min_width=240):
                     if not cfg.embed:
