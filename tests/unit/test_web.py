@@ -193,6 +193,9 @@ def test_upload_problems_in_plain_words_and_limits_before_reading(tmp_path):
     big.write_bytes(big.read_bytes() + b"\0" * 20_000)
     assert problem([big]) == f"big.png is {big.stat().st_size:,} bytes; the limit is 10,000 bytes."
     assert "a series may have at most 3" in problem([junk] * 4)
+    truncated = tmp_path / "cut.dcm"
+    truncated.write_bytes(sample_images.phi_ct_dicom(frames=1, size=64)[:-3000])  # under the 10,000-byte limit
+    assert problem([truncated]) == "cut.dcm is incomplete: the file ends before the image does. Upload it again."
     assert "holds no DICOM image" in problem([junk, junk])
     pixels = WebConfig(log_dir=tmp_path, max_image_pixels=100)
     with pytest.raises(ImageTooLargeError) as err:

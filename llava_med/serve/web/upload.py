@@ -184,6 +184,8 @@ def describe_upload_error(exc: BaseException, name: str, config: WebConfig) -> s
         return "DICOM files cannot be read here: the server lacks pydicom (pip install pydicom)."
     if isinstance(exc, ImageError) and "truncated" in str(exc):
         return f"{name} is incomplete: the file ends before the image does. Upload it again."
+    if isinstance(exc, ImageError) and "corrupt" in str(exc):
+        return f"{name} is damaged: its image data cannot be decoded."
     return f"{name} is not an image this chat can read. Upload {SUPPORTED_IMAGES_TEXT}."
 
 
