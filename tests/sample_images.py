@@ -4,6 +4,8 @@
     scan(seed=3)           a different one for each seed (distinct pixels: no vision-feature cache hits)
     png_bytes(img), png_b64(img), png_file(path, img)
     ct_dicom()             pydicom's bundled CT slice (a path), skipped if pydicom has no test data
+    phi_ct_dicom()         a multi-frame CT carrying patient-identifying tags (PHI_VALUES)
+    ct_series(n)           n single-frame CT slices of one series, shuffled
 """
 
 from __future__ import annotations
@@ -50,3 +52,56 @@ def ct_dicom() -> str:
     import pydicom.data
 
     return pydicom.data.get_testdata_file("CT_small.dcm")
+
+
+#: Patient-identifying values written into :func:`phi_ct_dicom`; none of them may ever be shown, logged or saved.
+PHI_VALUES = {
+    "PatientName": "Doe^Jane^Quincy",
+    "PatientID": "PID-7731-2245",
+    "OtherPatientIDs": "MRN-55-4412",
+    "PatientBirthDate": "19510317",
+    "PatientAddress": "42 Wallaby Way, Sydney",
+    "PatientTelephoneNumbers": "+61-2-5550-1234",
+    "InstitutionName": "Springfield General Hospital",
+    "InstitutionAddress": "742 Evergreen Terrace, Springfield",
+    "ReferringPhysicianName": "Hibbert^Julius",
+    "AccessionNumber": "ACC-99887766",
+}
+
+
+def phi_ct_dicom(frames: int = 5, size: int = 96, *, series_description: str | None = None, **tags: object) -> bytes:
+    """A multi-frame CT DICOM (the web examples' synthetic chest volume) carrying every tag of
+    :data:`PHI_VALUES`, built with pydicom."""
+    from llava_med.serve.web.examples import ct_volume_dataset, draw_ct_volume
+
+    ds = ct_volume_dataset(draw_ct_volume(frames=frames, size=size))
+    for keyword, value in {**PHI_VALUES, **tags}.items():
+        setattr(ds, keyword, value)
+    if series_description is not None:
+        ds.SeriesDescription = series_description
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def ct_series(count: int = 5, size: int = 64) -> list[tuple[str, bytes]]:
+    """``count`` single-frame CT slices of one series, as (name, bytes), in shuffled file order; slice k lies at
+    z = 10 k mm and its pixels are the same value everywhere (-900 + 300 k HU), so each slice is recognisable."""
+    import numpy as np
+    from pydicom.uid import generate_uid
+
+    from llava_med.serve.web.examples import ct_volume_dataset
+
+    series_uid = generate_uid()
+    files = []
+    for k in range(count):
+        ds = ct_volume_dataset(np.full((1, size, size), -900 + 300 * k, np.int16))
+        del ds.NumberOfFrames
+        ds.SeriesInstanceUID = series_uid
+        ds.ImagePositionPatient = [0.0, 0.0, 10.0 * k]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.InstanceNumber = count - k  # deliberately opposite to the positions
+        buf = io.BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        files.append((f"img{count - k:03d}.dcm", buf.getvalue()))  # names sort opposite to the positions too
+    return files[1::2] + files[0::2]

@@ -22,8 +22,12 @@ import abc
 import argparse
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from llava_med.sampling import GenerationOutput, SamplingParams
+
+if TYPE_CHECKING:
+    from llava_med.images.dicom import DicomOptions
 
 __all__ = ["Engine", "EngineRequest", "GenerationOutput"]
 
@@ -31,13 +35,15 @@ __all__ = ["Engine", "EngineRequest", "GenerationOutput"]
 @dataclass(frozen=True)
 class EngineRequest:
     """One generation: a templated ``prompt`` with one ``<image>`` per image, the images as sent (base64 strings
-    or data URLs; engines decode them), the sampling settings and the image aspect mode (``Pad``, ``Resize``,
-    ``Crop``, ``Default`` or None for the checkpoint's own)."""
+    or data URLs; engines decode them), the sampling settings, the image aspect mode (``Pad``, ``Resize``,
+    ``Crop``, ``Default`` or None for the checkpoint's own) and how DICOM images are rendered (window, frame:
+    :class:`~llava_med.images.dicom.DicomOptions`, or None for the default)."""
 
     prompt: str
     images: tuple[str, ...] = ()
     params: SamplingParams = SamplingParams()
     image_mode: str | None = None
+    dicom: DicomOptions | None = None
 
     @property
     def num_images(self) -> int:

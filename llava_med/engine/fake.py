@@ -3,7 +3,8 @@
 Tokens are whitespace-separated words. The reply is ``script`` (when given) or a sentence built from the last
 words of the prompt; it is the same for the same request whatever the sampling parameters. Each ``<image>`` counts
 as ``image_tokens`` prompt tokens, so context overflow is easy to provoke. Images are only base64-decoded (the fake
-never looks at pixels).
+never looks at pixels). A request that sets DICOM options starts its reply with them as one word
+(``[dicom_window=lung,dicom_frame=2]``), so tests through real processes see what reached the engine.
 
 Counters (``started``, ``finished``, ``cancelled``, ``failed``, ``steps``, ``max_running``) let tests check that a
 closed stream really cancelled its request.
@@ -200,6 +201,8 @@ class FakeEngine(Engine):
             self.rejected += 1
             raise
         words = self.reply_words(request.prompt)
+        if request.dicom is not None:
+            words = [f"[dicom_window={request.dicom.window},dicom_frame={request.dicom.frame}]", *words]
         params = request.params
         max_new = min(params.max_new_tokens, self._context_length - n_prompt)
         stops = params.stop

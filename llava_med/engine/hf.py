@@ -316,6 +316,7 @@ class HFEngine(Engine):
             request.prompt,
             request.images,
             image_mode=request.image_mode,
+            dicom=request.dicom,
             limits=self.batching.image_limits,
             allow_url=self.batching.allow_image_urls,
             allow_path=False,

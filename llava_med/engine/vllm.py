@@ -338,6 +338,7 @@ class VLLMEngine(Engine):
         from llava_med.model.prompting import (
             check_fits_context,
             check_image_count,
+            check_prompt_chars,
             prompt_positions,
             tokenizer_image_token,
         )
@@ -349,14 +350,15 @@ class VLLMEngine(Engine):
         if request.num_images > served.max_images:
             raise ImageCountMismatchError(f"at most {served.max_images} images per request "
                                           f"(--max-images-per-prompt), got {request.num_images}")
+        check_prompt_chars(request.prompt, self.max_prompt_chars, served.context_length)
         ids = tokenizer_image_token(request.prompt, served.tokenizer, image_token_index=served.image_token_id)
         positions = prompt_positions(ids, served.tokens_per_image, served.image_token_id)
         check_fits_context(positions, request.num_images, served.tokens_per_image, served.context_length)
         images: list[Image.Image] = []
         if request.images:
             mode = normalize_aspect_mode(request.image_mode, served.aspect_default)
-            decoded = [load_image(src, limits=self.image_limits, allow_url=self.allow_image_urls, allow_path=False)
-                       for src in request.images]
+            decoded = [load_image(src, limits=self.image_limits, allow_url=self.allow_image_urls, allow_path=False,
+                                  dicom=request.dicom) for src in request.images]
             images = resize_for_vision_tower(decoded, served.image_processor, mode)
         return ids, positions, images
 

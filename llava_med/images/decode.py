@@ -35,7 +35,13 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from llava_med.errors import ImageError, ImageTooLargeError, MissingDependencyError, UnsupportedImageError
 from llava_med.images.common import ImageLimits, check_byte_count, check_dimensions, linear_to_uint8, preview
-from llava_med.images.dicom import dicom_to_image, has_dicom_magic, looks_like_headerless_dicom, render_dicom
+from llava_med.images.dicom import (
+    DicomOptions,
+    dicom_to_image,
+    has_dicom_magic,
+    looks_like_headerless_dicom,
+    render_dicom,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +105,7 @@ def load_image(
     allow_url: bool = False,
     url_timeout: float = 10.0,
     allow_path: bool = True,
+    dicom: DicomOptions | None = None,
 ) -> Image.Image:
     """Load an image from any supported source and return it as a new RGB image.
 
@@ -117,6 +124,8 @@ def load_image(
         url_timeout: seconds allowed for connecting, for each read, and for the whole download.
         allow_path: read strings and path objects naming local files. Servers pass False, so a request can never
             make them read (or probe for) files on their own disk: strings are then only base64 or data URLs.
+        dicom: window and frame of a DICOM image (:class:`~llava_med.images.dicom.DicomOptions`); other images
+            ignore them.
 
     Returns:
         A new RGB image, independent of any file.
@@ -128,15 +137,15 @@ def load_image(
     if isinstance(source, Image.Image):
         return _finish_pil_image(source, limits, f"PIL image (mode {source.mode})")
     if isinstance(source, (bytes, bytearray, memoryview)):
-        return _decode_bytes(source, limits, f"image of {len(source)} bytes")
+        return _decode_bytes(source, limits, f"image of {len(source)} bytes", dicom)
     if isinstance(source, str):
         return _load_from_string(source, limits, allow_url=allow_url, url_timeout=url_timeout,
-                                 allow_path=allow_path)
+                                 allow_path=allow_path, dicom=dicom)
     if isinstance(source, os.PathLike):
         if not allow_path:
             raise ImageError("local image files are not accepted here; send the image as base64")
         data = _read_file(source, limits)
-        return _decode_bytes(data, limits, f"image file {os.fspath(source)!r}")
+        return _decode_bytes(data, limits, f"image file {os.fspath(source)!r}", dicom)
     raise ImageError(
         f"unsupported image source of type {type(source).__name__}; expected a PIL image, bytes, a file path, "
         "base64 text or a data URL"
@@ -144,7 +153,7 @@ def load_image(
 
 
 def _load_from_string(text: str, limits: ImageLimits, *, allow_url: bool, url_timeout: float,
-                      allow_path: bool = True) -> Image.Image:
+                      allow_path: bool = True, dicom: DicomOptions | None = None) -> Image.Image:
     stripped = text.strip()
     if not stripped:
         raise ImageError("image string is empty")
@@ -156,19 +165,19 @@ def _load_from_string(text: str, limits: ImageLimits, *, allow_url: bool, url_ti
                 "enable URL fetching explicitly (load_image(..., allow_url=True), or the server's option for it)"
             )
         data = fetch_url(stripped, limits, url_timeout)
-        return _decode_bytes(data, limits, f"image from URL {preview(stripped, 80)}")
+        return _decode_bytes(data, limits, f"image from URL {preview(stripped, 80)}", dicom)
     if head.startswith("data:"):
         data = _decode_data_url(stripped, limits)
-        return _decode_bytes(data, limits, f"data URL image of {len(data)} bytes")
+        return _decode_bytes(data, limits, f"data URL image of {len(data)} bytes", dicom)
     if not allow_path:
         data = _b64decode(stripped, limits, "image string")
         if data is None:
             raise ImageError(f"image string {preview(text)} is not valid base64 (send images as base64 or a "
                              "data URL)")
-        return _decode_bytes(data, limits, f"base64 image of {len(data)} bytes")
+        return _decode_bytes(data, limits, f"base64 image of {len(data)} bytes", dicom)
     if _is_existing_path(text):
         data = _read_file(text, limits)
-        return _decode_bytes(data, limits, f"image file {text!r}")
+        return _decode_bytes(data, limits, f"image file {text!r}", dicom)
     data = _b64decode(stripped, limits, "image string")
     if data is None:
         if _looks_like_path(text) and os.path.isdir(text):
@@ -177,7 +186,7 @@ def _load_from_string(text: str, limits: ImageLimits, *, allow_url: bool, url_ti
             raise ImageError(f"image file {text!r} does not exist (and the string is not valid base64 either)")
         raise ImageError(f"image string {preview(text)} is not a file path and not valid base64")
     try:
-        return _decode_bytes(data, limits, f"base64 image of {len(data)} bytes")
+        return _decode_bytes(data, limits, f"base64 image of {len(data)} bytes", dicom)
     except ImageError as exc:
         # A short path-like string that happens to be valid base64 (e.g. '/data/scan01'): say both.
         if type(exc) is ImageError and len(text) < 256 and ("/" in text or os.sep in text):
@@ -320,12 +329,13 @@ def decode_image_bytes(data: bytes | bytearray | memoryview, *, limits: ImageLim
     return _decode_bytes(data, limits, f"image of {len(data)} bytes")
 
 
-def _decode_bytes(data: bytes | bytearray | memoryview, limits: ImageLimits, what: str) -> Image.Image:
+def _decode_bytes(data: bytes | bytearray | memoryview, limits: ImageLimits, what: str,
+                  dicom: DicomOptions | None = None) -> Image.Image:
     check_byte_count(len(data), limits, what)
     if len(data) == 0:
         raise ImageError(f"{what} is empty")
     if has_dicom_magic(data):
-        return render_dicom(data, limits, what.replace("image", "DICOM image", 1))
+        return render_dicom(data, limits, what.replace("image", "DICOM image", 1), options=dicom)
     if bytes(data[:4]) == _ICO_MAGIC:
         _check_ico_entries(data, limits, what)
     try:
@@ -333,7 +343,8 @@ def _decode_bytes(data: bytes | bytearray | memoryview, limits: ImageLimits, wha
     except UnidentifiedImageError:
         not_image = f"{what} is not an image (unrecognised format; expected {SUPPORTED_FORMATS_TEXT})"
         if looks_like_headerless_dicom(data):
-            return render_dicom(data, limits, what.replace("image", "DICOM image", 1), not_image=not_image)
+            return render_dicom(data, limits, what.replace("image", "DICOM image", 1), not_image=not_image,
+                                options=dicom)
         raise ImageError(not_image) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageTooLargeError(f"{what} is refused as a likely decompression bomb: {exc}") from exc

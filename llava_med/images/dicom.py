@@ -1,14 +1,24 @@
-"""DICOM files rendered as a viewer shows them by default (modality LUT, stored window or VOI LUT, MONOCHROME1,
-colour spaces, multi-frame), with the image size checked before any pixel is decoded. Torch-free; pydicom is
-imported on first use.
+"""DICOM files rendered as a viewer shows them (modality LUT, stored window or VOI LUT, MONOCHROME1, colour spaces,
+multi-frame), with the image size checked before any pixel is decoded; window presets and frame selection
+(:class:`DicomOptions`); the tags a researcher needs to know what an image is (:func:`read_dicom_info`), never the
+patient-identifying ones. Torch-free; pydicom is imported on first use.
+
+Window presets are in Hounsfield units, for CT: soft tissue (centre 40, width 400), lung (-600, 1500), bone
+(400, 1800), brain (40, 80); ``stored`` is the file's own window (the default; a 0.5-99.5 percentile window when the
+file has none), ``auto`` always the percentile window, ``C,W`` any centre and width. The web chat, the CLI
+(``--dicom-window``, ``--dicom-frame``) and the wire protocol (``dicom_window``, ``dicom_frame``) all render through
+:func:`render_dicom` with these options, so they give the same pixels.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import math
+import re
 import struct
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -22,7 +32,19 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["dicom_to_image", "has_dicom_magic", "looks_like_headerless_dicom", "render_dicom"]
+__all__ = [
+    "WINDOW_CHOICES",
+    "WINDOW_LABELS",
+    "WINDOW_PRESETS",
+    "DicomInfo",
+    "DicomOptions",
+    "dicom_to_image",
+    "has_dicom_magic",
+    "looks_like_headerless_dicom",
+    "normalize_window",
+    "read_dicom_info",
+    "render_dicom",
+]
 
 # What pydicom raises on malformed files or pixel data.
 _DICOM_ERRORS: tuple[type[BaseException], ...] = (
@@ -39,6 +61,81 @@ _DICOM_ERRORS: tuple[type[BaseException], ...] = (
 )
 _DEFAULT_WINDOW_PERCENTILES = (0.5, 99.5)
 
+#: CT window presets: name -> (centre, width) in Hounsfield units.
+WINDOW_PRESETS: dict[str, tuple[float, float]] = {
+    "soft_tissue": (40.0, 400.0),
+    "lung": (-600.0, 1500.0),
+    "bone": (400.0, 1800.0),
+    "brain": (40.0, 80.0),
+}
+#: Every named window: the presets, the file's own (``stored``) and the percentile window (``auto``).
+WINDOW_CHOICES: tuple[str, ...] = (*WINDOW_PRESETS, "stored", "auto")
+WINDOW_LABELS: dict[str, str] = {"soft_tissue": "Soft tissue", "lung": "Lung", "bone": "Bone", "brain": "Brain",
+                                 "stored": "Stored", "auto": "Auto"}
+_CUSTOM_WINDOW = re.compile(r"^\s*([-+]?\d+(?:\.\d+)?)\s*[,/:]\s*(\d+(?:\.\d+)?)\s*$")
+_MAX_FRAME = 1_000_000
+
+
+def normalize_window(value: str | None) -> str | None:
+    """The canonical name of a window: a preset, ``stored``, ``auto`` or ``"C,W"`` (numbers); None stays None.
+
+    Spellings are forgiving (``Soft tissue``, ``soft-tissue``, ``SOFT_TISSUE``; ``40/400``). Raises ValueError naming
+    the choices for anything else.
+    """
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"a DICOM window must be a string, got {type(value).__name__}")
+    name = re.sub(r"[\s\-]+", "_", value.strip().lower())
+    if name in WINDOW_CHOICES:
+        return name
+    match = _CUSTOM_WINDOW.match(value)
+    if match:
+        center, width = float(match.group(1)), float(match.group(2))
+        if width >= 1 and math.isfinite(center) and math.isfinite(width) and abs(center) <= 1e6 and width <= 1e6:
+            return f"{center:g},{width:g}"
+    raise ValueError(f"unknown DICOM window {value!r}; use one of {', '.join(WINDOW_CHOICES)} or CENTER,WIDTH "
+                     "(e.g. 40,400; width >= 1)")
+
+
+@dataclass(frozen=True)
+class DicomOptions:
+    """How to render a DICOM image: ``window`` (see :func:`normalize_window`; None: the stored window, else auto)
+    and ``frame`` (0-based frame of a multi-frame file; None: the middle one). Colour images ignore the window."""
+
+    window: str | None = None
+    frame: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "window", normalize_window(self.window))
+        if self.frame is not None:
+            if isinstance(self.frame, bool) or not isinstance(self.frame, int):
+                raise ValueError(f"a DICOM frame must be an integer, got {self.frame!r}")
+            if not 0 <= self.frame <= _MAX_FRAME:
+                raise ValueError(f"a DICOM frame must be between 0 and {_MAX_FRAME}, got {self.frame}")
+
+    @classmethod
+    def of(cls, window: str | None = None, frame: int | None = None) -> DicomOptions | None:
+        """Options, or None when both are unset (the default rendering)."""
+        return None if window is None and frame is None else cls(window, frame)
+
+    def fixed_window(self) -> tuple[float, float] | None:
+        """(centre, width) of a preset or custom window; None for ``stored``, ``auto`` and the default."""
+        if self.window in WINDOW_PRESETS:
+            return WINDOW_PRESETS[self.window]
+        if self.window and "," in self.window:
+            center, width = self.window.split(",")
+            return float(center), float(width)
+        return None
+
+    def describe(self) -> str:
+        parts = []
+        if self.window is not None:
+            parts.append(f"window {WINDOW_LABELS.get(self.window, self.window)}")
+        if self.frame is not None:
+            parts.append(f"frame {self.frame}")
+        return ", ".join(parts) or "default rendering"
+
 
 def has_dicom_magic(data: bytes | bytearray | memoryview) -> bool:
     return len(data) >= 132 and bytes(data[128:132]) == b"DICM"
@@ -52,7 +149,8 @@ def looks_like_headerless_dicom(data: bytes | bytearray | memoryview) -> bool:
     return head in (b"\x02\x00", b"\x08\x00", b"\x00\x02", b"\x00\x08")
 
 
-def dicom_to_image(data: bytes | bytearray | memoryview, *, limits: ImageLimits | None = None) -> Image.Image:
+def dicom_to_image(data: bytes | bytearray | memoryview, *, limits: ImageLimits | None = None,
+                   options: DicomOptions | None = None) -> Image.Image:
     """Render a DICOM file's pixel data as an 8-bit RGB image, as a viewer would show it by default.
 
     * Grayscale (MONOCHROME1/2): modality LUT (Rescale Slope/Intercept or a Modality LUT Sequence, also from
@@ -63,6 +161,7 @@ def dicom_to_image(data: bytes | bytearray | memoryview, *, limits: ImageLimits 
     * RGB and YBR_* colour are converted to RGB and scaled to 8 bits by Bits Stored; PALETTE COLOR goes
       through its palette.
     * Multi-frame files give the middle frame, index ``NumberOfFrames // 2`` (0-based).
+    * ``options`` choose another window (a CT preset, ``auto``, ``C,W``) or frame (:class:`DicomOptions`).
 
     Rows x Columns are checked against the limits before any pixel is decoded.
 
@@ -73,11 +172,12 @@ def dicom_to_image(data: bytes | bytearray | memoryview, *, limits: ImageLimits 
         ImageTooLargeError, ImageError: limits exceeded; unparsable, truncated or corrupt files.
     """
     limits = ImageLimits() if limits is None else limits
-    return render_dicom(data, limits, f"DICOM image of {len(data)} bytes")
+    return render_dicom(data, limits, f"DICOM image of {len(data)} bytes", options=options)
 
 
 def render_dicom(
-    data: bytes | bytearray | memoryview, limits: ImageLimits, what: str, *, not_image: str | None = None
+    data: bytes | bytearray | memoryview, limits: ImageLimits, what: str, *, not_image: str | None = None,
+    options: DicomOptions | None = None,
 ) -> Image.Image:
     """Implementation of :func:`dicom_to_image` (``what`` names the input in error messages).
 
@@ -115,7 +215,13 @@ def render_dicom(
         n_frames = int(ds.get("NumberOfFrames") or 1)
     except (TypeError, ValueError):
         n_frames = 1
-    frame = max(n_frames, 1) // 2
+    n_frames = max(n_frames, 1)
+    frame = n_frames // 2
+    if options is not None and options.frame is not None:
+        if options.frame >= n_frames:
+            raise ImageError(f"{what} has {n_frames} frame(s), numbered 0 to {n_frames - 1}; there is no frame "
+                             f"{options.frame}")
+        frame = options.frame
 
     transfer_syntax = _ensure_transfer_syntax(ds)
     ts_text = f"transfer syntax {transfer_syntax.name} ({transfer_syntax})"
@@ -144,7 +250,7 @@ def render_dicom(
         if photometric in ("MONOCHROME1", "MONOCHROME2"):
             if pixels.ndim == 3 and pixels.shape[-1] == 1:
                 pixels = pixels[..., 0]
-            gray = _render_grayscale(pixels, ds, frame, what)
+            gray = _render_grayscale(pixels, ds, frame, what, options)
             if photometric == "MONOCHROME1":
                 gray = 255 - gray
             return Image.fromarray(gray, mode="L").convert("RGB")
@@ -266,19 +372,19 @@ def _apply_window(values: np.ndarray, center: float, width: float, function: str
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
-def _render_grayscale(pixels: np.ndarray, ds: Dataset, frame: int, what: str) -> np.ndarray:
+def _render_grayscale(pixels: np.ndarray, ds: Dataset, frame: int, what: str,
+                      options: DicomOptions | None = None) -> np.ndarray:
     if pixels.ndim != 2:
         raise UnsupportedImageError(f"{what} has grayscale pixel data of unexpected shape {pixels.shape}")
     values = _apply_modality(pixels, ds, frame)
 
-    window = _stored_window(ds, frame)
-    if window is not None:
-        out = _apply_window(values, *window)
+    fixed = options.fixed_window() if options is not None else None
+    if fixed is not None:  # a preset or custom window (widths are >= 1, so it always applies)
+        out = _apply_window(values, fixed[0], fixed[1], "LINEAR")
         if out is not None:
             return out
-        logger.warning("%s: ignoring invalid stored window (center %s, width %s, %s)", what, *window)
-    elif "VOILUTSequence" in ds:
-        out = _apply_voi_lut_sequence(values, ds, what)
+    if options is None or options.window != "auto":  # the stored window, else the percentile window
+        out = _stored_rendering(values, ds, frame, what)
         if out is not None:
             return out
 
@@ -293,6 +399,19 @@ def _render_grayscale(pixels: np.ndarray, ds: Dataset, frame: int, what: str) ->
     if not hi > lo:
         lo, hi = float(sample.min()), float(sample.max())
     return linear_to_uint8(np.nan_to_num(values, nan=lo, posinf=hi, neginf=lo), lo, hi)
+
+
+def _stored_rendering(values: np.ndarray, ds: Dataset, frame: int, what: str) -> np.ndarray | None:
+    """The file's own window (Window Center/Width, else a VOI LUT Sequence); None when it has no usable one."""
+    window = _stored_window(ds, frame)
+    if window is not None:
+        out = _apply_window(values, *window)
+        if out is None:
+            logger.warning("%s: ignoring invalid stored window (center %s, width %s, %s)", what, *window)
+        return out
+    if "VOILUTSequence" in ds:
+        return _apply_voi_lut_sequence(values, ds, what)
+    return None
 
 
 def _apply_voi_lut_sequence(values: np.ndarray, ds: Dataset, what: str) -> np.ndarray | None:
@@ -334,3 +453,166 @@ def _scale_bits(values: np.ndarray, bits: int) -> np.ndarray:
         return np.ascontiguousarray(values)
     return linear_to_uint8(values, 0.0, float(2 ** max(bits, 1) - 1))
 
+
+
+# --------------------------------------------------------------------------------------------------------------
+# What the image is (never who)
+
+#: The only tags :func:`read_dicom_info` reads: what a researcher needs to know what the image shows.
+_INFO_TAGS = (
+    "Modality", "BodyPartExamined", "SeriesDescription", "SliceLocation", "ImagePositionPatient",
+    "ImageOrientationPatient", "SliceThickness", "PixelSpacing", "Rows", "Columns", "NumberOfFrames",
+    "InstanceNumber", "WindowCenter", "WindowWidth", "VOILUTSequence", "PhotometricInterpretation",
+    "SeriesInstanceUID",
+)
+#: Identifying tags: read only to withhold free text that repeats them, never returned, shown or logged.
+_IDENTIFYING_TAGS = (
+    "PatientName", "PatientID", "OtherPatientIDs", "OtherPatientNames", "PatientBirthDate", "PatientAddress",
+    "PatientTelephoneNumbers", "InstitutionName", "InstitutionAddress", "ReferringPhysicianName",
+    "PerformingPhysicianName", "OperatorsName", "AccessionNumber", "PatientMotherBirthName",
+)
+WITHHELD_TEXT = "(withheld: it repeats identifying details)"
+
+
+@dataclass(frozen=True)
+class DicomInfo:
+    """What a DICOM image shows, from an allow-list of tags; patient-identifying tags are never part of it.
+
+    Free-text tags (series description, body part) that repeat an identifying value of the same file (the
+    patient's name or ID, an institution, ...) are replaced by :data:`WITHHELD_TEXT`.
+    """
+
+    modality: str | None = None
+    body_part: str | None = None
+    series_description: str | None = None
+    slice_location: float | None = None  # mm along the patient axis (Slice Location, else Image Position z)
+    slice_thickness: float | None = None
+    pixel_spacing: tuple[float, float] | None = None
+    rows: int | None = None
+    columns: int | None = None
+    frames: int = 1
+    instance_number: int | None = None
+    photometric: str | None = None
+    stored_window: tuple[float, float] | None = None
+    has_voi_lut: bool = False
+    series_uid: str | None = field(default=None, repr=False)  # groups files of one series; never shown
+    position: tuple[float, ...] | None = field(default=None, repr=False)  # Image Position (Patient)
+    orientation: tuple[float, ...] | None = field(default=None, repr=False)  # Image Orientation (Patient)
+
+    @property
+    def is_ct(self) -> bool:
+        return (self.modality or "").upper() == "CT"
+
+    @property
+    def grayscale(self) -> bool:
+        return (self.photometric or "MONOCHROME2").upper().startswith("MONOCHROME")
+
+    @property
+    def has_stored_window(self) -> bool:
+        return self.stored_window is not None or self.has_voi_lut
+
+    def summary(self) -> list[tuple[str, str]]:
+        """(label, value) pairs for display, in reading order; absent tags are left out."""
+        out: list[tuple[str, str]] = []
+        if self.modality:
+            out.append(("Modality", self.modality))
+        if self.body_part:
+            out.append(("Body part", self.body_part))
+        if self.series_description:
+            out.append(("Series", self.series_description))
+        if self.slice_location is not None and self.frames == 1:  # a multi-frame file's is not each frame's
+            out.append(("Slice position", f"{self.slice_location:g} mm"))
+        if self.slice_thickness is not None:
+            out.append(("Slice thickness", f"{self.slice_thickness:g} mm"))
+        if self.rows and self.columns:
+            size = f"{self.columns}×{self.rows}"
+            if self.pixel_spacing:
+                size += f" px, {self.pixel_spacing[1]:g}×{self.pixel_spacing[0]:g} mm/px"
+            out.append(("Size", size))
+        if self.frames > 1:
+            out.append(("Frames", str(self.frames)))
+        if self.stored_window is not None:
+            out.append(("Stored window", f"centre {self.stored_window[0]:g}, width {self.stored_window[1]:g}"))
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """The shown tags as JSON-able values (for logs and exports)."""
+        return {"modality": self.modality, "body_part": self.body_part, "series_description": self.series_description,
+                "slice_location": self.slice_location, "slice_thickness": self.slice_thickness,
+                "rows": self.rows, "columns": self.columns, "frames": self.frames}
+
+
+def read_dicom_info(data: bytes | bytearray | memoryview) -> DicomInfo:
+    """The :class:`DicomInfo` of a DICOM file's header (pixel data is not read). Raises :class:`ImageError` when the
+    bytes do not parse as DICOM, :class:`MissingDependencyError` without pydicom."""
+    if not (has_dicom_magic(data) or looks_like_headerless_dicom(data)):
+        raise ImageError("the file is not a DICOM file")
+    try:
+        import pydicom
+    except ImportError as exc:
+        raise MissingDependencyError("reading DICOM images needs 'pydicom' (pip install pydicom)") from exc
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=True, stop_before_pixels=True,
+                             specific_tags=list(_INFO_TAGS + _IDENTIFYING_TAGS))
+        identifying = _identifying_values(ds)
+
+        def text(keyword: str) -> str | None:
+            value = ds.get(keyword)
+            shown = " ".join(str(value).split())[:200] if value not in (None, "") else None
+            if shown and any(v in shown.lower() for v in identifying):
+                return WITHHELD_TEXT
+            return shown or None
+
+        position = _numbers(ds.get("ImagePositionPatient"), 3)
+        location = _first_number(ds.get("SliceLocation"))
+        if location is None and position is not None:
+            location = position[2]
+        spacing = _numbers(ds.get("PixelSpacing"), 2)
+        center, width = _first_number(ds.get("WindowCenter")), _first_number(ds.get("WindowWidth"))
+        frames = ds.get("NumberOfFrames")
+        instance = _first_number(ds.get("InstanceNumber"))
+        return DicomInfo(
+            modality=text("Modality"), body_part=text("BodyPartExamined"),
+            series_description=text("SeriesDescription"), slice_location=location,
+            slice_thickness=_first_number(ds.get("SliceThickness")),
+            pixel_spacing=(spacing[0], spacing[1]) if spacing else None,
+            rows=_int_or_none(ds.get("Rows")), columns=_int_or_none(ds.get("Columns")),
+            frames=max(_int_or_none(frames) or 1, 1), instance_number=int(instance) if instance is not None else None,
+            photometric=text("PhotometricInterpretation"),
+            stored_window=(center, width) if center is not None and width is not None else None,
+            has_voi_lut="VOILUTSequence" in ds, series_uid=str(ds.get("SeriesInstanceUID") or "") or None,
+            position=position, orientation=_numbers(ds.get("ImageOrientationPatient"), 6),
+        )
+    except _DICOM_ERRORS as exc:
+        raise ImageError(f"the file cannot be parsed as DICOM ({type(exc).__name__})") from exc
+
+
+def _identifying_values(ds: Dataset) -> set[str]:
+    """Lower-cased identifying values of ``ds`` (names split into their parts) to withhold from shown text."""
+    values: set[str] = set()
+    for keyword in _IDENTIFYING_TAGS:
+        value = ds.get(keyword)
+        if value in (None, ""):
+            continue
+        items = value if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue" else [value]
+        for item in items:
+            for part in re.split(r"[\^=]", str(item)) + [str(item)]:
+                part = " ".join(part.split()).lower()
+                if len(part) >= 3:
+                    values.add(part)
+    return values
+
+
+def _numbers(value: Any, count: int) -> tuple[float, ...] | None:
+    try:
+        numbers = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        return None
+    return numbers if len(numbers) == count and all(math.isfinite(n) for n in numbers) else None
+
+
+def _int_or_none(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None

@@ -21,6 +21,7 @@ import torch
 from llava_med.errors import BadRequestError, LlavaMedError
 from llava_med.model.builder import LoadedModel
 from llava_med.images.decode import ImageLimits, load_image
+from llava_med.images.dicom import DicomOptions
 from llava_med.model.preprocess import normalize_aspect_mode, process_images
 from llava_med.model.prompting import (
     check_fits_context,
@@ -226,11 +227,13 @@ def prepare_prompt(
     limits: ImageLimits | None = None,
     allow_url: bool = False,
     allow_path: bool = True,
+    dicom: DicomOptions | None = None,
 ) -> PreparedPrompt:
     """Check and tokenise ``prompt``, decode and preprocess ``images``, and measure the room left in the context.
 
     Raises typed errors (image count mismatch, bad image, context overflow) with messages that name the cause.
-    Servers pass ``allow_path=False`` so that image strings from requests are never read as local file names.
+    Servers pass ``allow_path=False`` so that image strings from requests are never read as local file names;
+    ``dicom`` sets the window and frame of DICOM images.
     """
     if not isinstance(prompt, str) or not prompt:
         raise BadRequestError("prompt must be a non-empty string")
@@ -244,7 +247,8 @@ def prepare_prompt(
     pixel_values = None
     if images:
         mode = normalize_aspect_mode(image_mode, loaded.image_aspect_ratio)
-        pil_images = [load_image(src, limits=limits, allow_url=allow_url, allow_path=allow_path) for src in images]
+        pil_images = [load_image(src, limits=limits, allow_url=allow_url, allow_path=allow_path, dicom=dicom)
+                      for src in images]
         pixel_values = process_images(pil_images, loaded.image_processor, mode)
     return PreparedPrompt(
         input_ids=input_ids,

@@ -34,6 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="image (PNG, JPEG, DICOM, ...) to ask about; repeat for several images")
     parser.add_argument("--image-process-mode", default="Default", choices=["Default", "Pad", "Resize", "Crop"],
                         help="how to fit the image to the vision tower (Default: the checkpoint's setting)")
+    parser.add_argument("--dicom-window", type=_dicom_window, default=None, metavar="WINDOW",
+                        help="window of DICOM images: soft_tissue, lung, bone, brain (CT presets, in HU), stored "
+                             "(the file's own; the default, auto when it has none), auto (0.5-99.5 percentile), "
+                             "or CENTER,WIDTH")
+    parser.add_argument("--dicom-frame", type=_dicom_frame, default=None, metavar="N",
+                        help="frame of multi-frame DICOM files, 0-based (default: the middle frame)")
     parser.add_argument("--query", default=None, help="ask this one question, print the answer and exit")
     parser.add_argument("--temperature", type=float, default=CHAT_DEFAULTS.temperature,
                         help="0 is greedy (default %(default)s)")
@@ -43,6 +49,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=None, help="seed for sampling (temperature > 0)")
     parser.add_argument("--debug", action="store_true", help="log prompts and outputs")
     return parser
+
+
+def _dicom_window(text: str) -> str | None:
+    from llava_med.images.dicom import normalize_window
+
+    try:
+        return normalize_window(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _dicom_frame(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
 
 
 class ChatSession:
@@ -89,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
     )
     from llava_med.images.decode import load_image
+    from llava_med.images.dicom import DicomOptions
     from llava_med.model.builder import load_pretrained_model
 
     try:
@@ -97,7 +123,9 @@ def main(argv: list[str] | None = None) -> int:
             logger.warning("using the embedded tiny random-weight checkpoint: its answers are noise. "
                            "Pass --model-path microsoft/llava-med-v1.5-mistral-7b for the real model.")
         conv_mode = args.conv_mode or conv_mode_for_config(loaded.config)
-        images = [load_image(path) for path in args.image_file]  # fail on a bad file before the chat starts
+        dicom = DicomOptions.of(args.dicom_window, args.dicom_frame)
+        # Decoded once, before the chat starts (a bad file fails at once), with the DICOM window and frame chosen.
+        images = [load_image(path, dicom=dicom) for path in args.image_file]
         session = ChatSession(
             loaded,
             conv_mode,

@@ -6,23 +6,31 @@ then open http://127.0.0.1:7860. ``llava-med launch`` starts it together with a 
 How it works:
 
 * The model list comes from the controller (``--model-list-mode once``: at start; ``reload``: at each page load;
-  the refresh button asks again at any time).
+  the refresh button asks again at any time). When the controller cannot be reached, or has no worker, a banner
+  says so, with the URL it tried and a Retry button.
+* The image panel shows the image as the model will see it and takes a new file (dropped, pasted or chosen) at any
+  time. DICOM files get their tags (modality, body part, series, slice position; never patient data), window
+  presets for CT (soft tissue, lung, bone, brain, stored, auto) and, for multi-frame files and series (several
+  files or a ``.zip``), a slice slider. The uploaded bytes stay in memory; Gradio's copy is deleted once read.
 * Each answer goes through :class:`llava_med.serve.client.LlavaMedClient`: the controller names a worker
   (``/get_worker_address``), the worker names its prompt template (``/worker_get_conv_template``), the prompt is
   built with that template from the chat history, and the answer is streamed from the worker. The image travels as
-  base64 PNG with the chosen ``image_process_mode`` (Crop, Resize, Pad, Default); the worker applies it.
+  base64 PNG with the chosen ``image_process_mode`` (Crop, Resize, Pad, Default), and for DICOM the ``dicom_window``
+  and ``dicom_frame`` it was rendered with.
 * **Stop** cancels the Gradio event; the generator then closes its HTTP stream, and the worker cancels the request
   at once (its queue length drops back). A stop flag on the session stops the stream too, so the worker is freed
   even if the cancellation arrives between two chunks.
-* A bad image, no worker, a refused request (prompt too long, busy, ...) or a network error is shown in the chat as a
-  message that names the cause; a traceback never reaches the page.
+* Every problem is shown once, in plain words, where the user looks: upload problems in the image panel, answer
+  problems (no worker for the model, a refused request, a broken connection) in the chat, a question over the
+  limit by the question box's counter; library texts and tracebacks go to the server's log only.
 * Every finished answer (done, stopped or failed) and every vote/flag is appended as one JSON line to
-  ``<log-dir>/<date>-conv.jsonl``; the images sent to the model are saved once, by content hash, as
-  ``<log-dir>/images/<sha256>.png``.
+  ``<log-dir>/<date>-conv.jsonl``; the images sent to the model are saved once, by content hash and without
+  metadata, as ``<log-dir>/images/<sha256>.png``. The page exports the conversation as Markdown and JSON.
 
 This module is the entry point (the original's spelling); the page lives in :mod:`llava_med.serve.web`: ``config``
-(options), ``session`` (chat state, uploads, prompts), ``messages`` (what the chat shows), ``chat_log`` (logs),
-``examples`` and ``ui`` (the Gradio page and its FastAPI app).
+(options), ``session`` (chat state, prompts), ``upload`` (the image panel), ``messages`` (what the chat shows),
+``handlers`` (what the page does), ``export``, ``chat_log`` (logs), ``examples``, ``assets`` (CSS and script) and
+``ui`` (the Gradio page and its FastAPI app).
 """
 
 from __future__ import annotations
@@ -39,6 +47,8 @@ from llava_med.serve.web.config import (
     DEFAULT_CONCURRENCY_COUNT,
     DEFAULT_LOG_DIR,
     DEFAULT_MAX_INPUT_CHARS,
+    DEFAULT_MAX_SERIES_BYTES,
+    DEFAULT_MAX_SERIES_FILES,
     WEB_GRACEFUL_SHUTDOWN,
     WebConfig,
 )
@@ -74,7 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-image-bytes", type=int, default=ImageLimits().max_bytes,
                    help="largest uploaded file, in bytes (default %(default)s)")
     p.add_argument("--max-input-chars", type=int, default=DEFAULT_MAX_INPUT_CHARS,
-                   help="longest question accepted (default %(default)s)")
+                   help="longest question accepted; the question box counts characters near it (default %(default)s)")
+    p.add_argument("--max-series-files", type=int, default=DEFAULT_MAX_SERIES_FILES,
+                   help="most files in a DICOM series upload (several files or a .zip; default %(default)s)")
+    p.add_argument("--max-series-bytes", type=int, default=DEFAULT_MAX_SERIES_BYTES,
+                   help="most bytes of a DICOM series upload, uncompressed, in all (default %(default)s)")
     p.add_argument("--request-timeout", type=float, default=None,
                    help="seconds to wait for the next token (default: env LLAVA_MED_WORKER_API_TIMEOUT or 100)")
     p.add_argument("--no-examples", action="store_true", help="do not show example images")
@@ -104,7 +118,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         controller_url=args.controller_url, model_list_mode=args.model_list_mode, log_dir=Path(args.log_dir),
         concurrency_count=args.concurrency_count, embed=args.embed, conv_mode=args.conv_mode,
         max_image_pixels=args.max_image_pixels, max_image_bytes=args.max_image_bytes,
-        max_input_chars=args.max_input_chars, request_timeout=args.request_timeout, examples=not args.no_examples,
+        max_input_chars=args.max_input_chars, max_series_files=args.max_series_files,
+        max_series_bytes=args.max_series_bytes, request_timeout=args.request_timeout, examples=not args.no_examples,
     ))
     if args.share:
         # A share link needs Gradio's own server; /health is added to its app.

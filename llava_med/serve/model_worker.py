@@ -303,7 +303,7 @@ class ModelWorker:
         self.check_prompt(request.prompt)
         params = request.sampling_params(stop_str_for(self.engine.conv_mode)).capped(self.max_new_tokens_cap)
         return EngineRequest(prompt=request.prompt, images=tuple(request.images or ()), params=params,
-                             image_mode=request.image_process_mode)
+                             image_mode=request.image_process_mode, dicom=request.dicom_options)
 
     async def generate_chunks(self, request: GenerateRequest) -> AsyncIterator[StreamChunk]:
         """The chunks of one request, errors included; waits for a slot; closing it cancels the generation.

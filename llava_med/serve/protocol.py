@@ -254,6 +254,26 @@ class GenerateRequest(WireModel):
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     ignore_eos: bool = False
     image_process_mode: StrictStr | None = None
+    # How DICOM images of this request are rendered (others ignore them): a window preset, "stored", "auto" or
+    # "C,W", and a 0-based frame of multi-frame files (default: the stored window and the middle frame).
+    dicom_window: StrictStr | None = None
+    dicom_frame: int | None = Field(default=None, ge=0, le=1_000_000)
+
+    @field_validator("dicom_window")
+    @classmethod
+    def _known_window(cls, value: str | None) -> str | None:
+        from llava_med.images.dicom import normalize_window  # numpy/PIL only when the field is used
+
+        return normalize_window(value)
+
+    @property
+    def dicom_options(self) -> Any:
+        """The :class:`~llava_med.images.dicom.DicomOptions` of the request, or None when it sets none."""
+        if self.dicom_window is None and self.dicom_frame is None:
+            return None
+        from llava_med.images.dicom import DicomOptions
+
+        return DicomOptions(self.dicom_window, self.dicom_frame)
 
     @field_validator("stop")
     @classmethod

@@ -65,8 +65,8 @@ def test_e2e_chat_with_image_streams_the_answer(launched, web, tmp_path_factory)
 
     model = launched.models()[0]
     assert model == "llava-med-tiny-mistral"
-    job = web.submit("What does this chest X-ray show?", handle_file(str(xray_png(tmp_path_factory))), "Default",
-                     model, 0.2, 0.7, 24, api_name="/chat")
+    web.predict([handle_file(str(xray_png(tmp_path_factory)))], api_name="/upload")  # the image panel
+    job = web.submit("What does this chest X-ray show?", "Default", model, 0.2, 0.7, 24, api_name="/chat")
     job.result(timeout=120)
     outputs = job.outputs()
     answers = [assistant_text(out[0]) for out in outputs]
@@ -79,15 +79,16 @@ def test_e2e_chat_with_image_streams_the_answer(launched, web, tmp_path_factory)
     assert record["type"] == "chat" and record["status"] == "done" and record["model"] == model
     assert record["conv_mode"] == "mistral_instruct" and len(record["images"]) == 1
     # A second turn keeps the image (no new upload), and a DICOM upload works too (another session).
-    web.predict("And the heart?", None, "Default", model, 0.2, 0.7, 8, api_name="/chat")
+    web.predict("And the heart?", "Default", model, 0.2, 0.7, 8, api_name="/chat")
     record = chat_log(launched)[-1]
     assert record["turn"] == 1 and len(record["messages"]) == 4 and record["messages"][0].get("image")
     pydicom_data = pytest.importorskip("pydicom.data")
     from gradio_client import Client
 
     other = Client(launched.web_url, verbose=False, download_files=False)
-    result = other.predict("Which modality?", handle_file(pydicom_data.get_testdata_file("CT_small.dcm")), "Pad",
-                           model, 0.2, 0.7, 8, api_name="/chat")
+    other.predict([handle_file(pydicom_data.get_testdata_file("CT_small.dcm"))], api_name="/upload")
+    other.predict("lung", api_name="/window")
+    result = other.predict("Which modality?", "Pad", model, 0.2, 0.7, 8, api_name="/chat")
     assert assistant_text(result[0]) and not assistant_text(result[0]).startswith("⚠️")
 
 
@@ -96,8 +97,8 @@ def test_e2e_stop_leaves_the_worker_queue_empty(launched, web, tmp_path_factory)
     from gradio_client import handle_file
 
     model = launched.models()[0]
-    job = web.submit("Describe everything in detail.", handle_file(str(xray_png(tmp_path_factory))), "Pad", model,
-                     0.9, 1.0, 1024, api_name="/chat")
+    web.predict([handle_file(str(xray_png(tmp_path_factory)))], api_name="/upload")
+    job = web.submit("Describe everything in detail.", "Pad", model, 0.9, 1.0, 1024, api_name="/chat")
     wait_until(lambda: len(job.outputs()) >= 4, 60, message="the answer streaming")
     assert launched.worker_queue_length() == 1
     stopped_at = time.monotonic()
@@ -118,19 +119,19 @@ def test_e2e_errors_votes_and_logs(launched, web, tmp_path_factory, tmp_path):
     client = Client(launched.web_url, verbose=False, download_files=False)
     image = tmp_path / "fresh.png"
     draw_chest_xray(128, seed=7).save(image)
+    client.predict([handle_file(str(image))], api_name="/upload")
     for question in ("First question?", "Second question?"):
-        client.predict(question, handle_file(str(image)), "Default", model, 0.2, 0.7, 8, api_name="/chat")
+        client.predict(question, "Default", model, 0.2, 0.7, 8, api_name="/chat")
     client.predict(model, api_name="/upvote")
     junk = tmp_path / "junk.png"
     junk.write_bytes(b"not a picture")
-    result = client.predict("What is this?", handle_file(str(junk)), "Default", model, 0.2, 0.7, 8,
-                            api_name="/chat")
-    assert "The image cannot be read" in assistant_text(result[0])
-    result = client.predict("Hello?", None, "Default", "no-such-model", 0.2, 0.7, 8, api_name="/chat")
+    status = client.predict([handle_file(str(junk))], api_name="/upload")[2]  # said in the image panel
+    assert "junk.png is not an image this chat can read" in status
+    result = client.predict("Hello?", "Default", "no-such-model", 0.2, 0.7, 8, api_name="/chat")
     assert "No worker is serving model `no-such-model`" in assistant_text(result[0])
     new = chat_log(launched)[len(before):]
     assert [(r["type"], r.get("status")) for r in new] == [
-        ("chat", "done"), ("chat", "done"), ("upvote", None), ("chat", "error"), ("chat", "error")]
+        ("chat", "done"), ("chat", "done"), ("upvote", None), ("chat", "error")]
     added = set(images_dir.iterdir()) - before_images
     assert len(added) == 1 and next(iter(added)).name == f"{new[0]['images'][0]}.png"  # saved once
     assert requests.get(launched.web_url + "/health", timeout=5).json()["status"] == "ok"

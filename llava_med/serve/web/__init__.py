@@ -1,4 +1,5 @@
-"""The web chat (Gradio), split by concern: ``config`` (options and constants), ``session`` (per-tab chat state,
-uploads, prompts), ``messages`` (what the chat shows, errors in plain words), ``chat_log`` (JSON-lines logs and
-images saved by hash), ``examples`` (example images) and ``ui`` (the page, its handlers and its FastAPI app).
-``llava_med.serve.gradio_web_server`` is the entry point."""
+"""The web chat (Gradio), split by concern: ``config`` (options and constants), ``session`` (per-tab chat state and
+prompts), ``upload`` (the image panel: uploads, DICOM windows and slices), ``messages`` (what the chat shows, problems
+in plain words), ``handlers`` (what the page does), ``export`` (Markdown and JSON downloads), ``chat_log`` (JSON-lines
+logs and images saved by hash), ``examples`` (example images), ``assets`` (the page's CSS and script) and ``ui`` (the
+page's layout and its FastAPI app). ``llava_med.serve.gradio_web_server`` is the entry point."""

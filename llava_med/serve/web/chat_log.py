@@ -61,6 +61,7 @@ class ConversationLog:
             "finish": round(turn.finished or time.time(), 4),
             "params": params,
             "images": [session.image.sha256] if session.image is not None else [],
+            "image_details": session.image.details if session.image is not None else None,
             "image_process_mode": session.image_process_mode,
             "messages": session.to_messages(),
             "ip": ip,

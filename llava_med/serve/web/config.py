@@ -8,6 +8,7 @@ from pathlib import Path
 from llava_med.constants import DEFAULT_CONTROLLER_URL, worker_api_timeout
 from llava_med.conversation import template_names
 from llava_med.images.decode import ImageLimits
+from llava_med.images.series import SeriesLimits
 
 #: The preprocessing choices of the original web UI; the worker applies them (``image_process_mode``).
 IMAGE_PROCESS_MODES = ("Crop", "Resize", "Pad", "Default")
@@ -24,8 +25,13 @@ STREAMING_CURSOR = "▌"
 STOP_WAIT = 3.0
 #: Seconds the server waits for open connections (pages keep a heartbeat stream) when it stops.
 WEB_GRACEFUL_SHUTDOWN = 1
-SUPPORTED_IMAGES_TEXT = "PNG, JPEG, TIFF, WebP, BMP, GIF or DICOM (.dcm)"
-UPLOAD_FILE_TYPES = [".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".bmp", ".gif", ".dcm", ".dicom"]
+SUPPORTED_IMAGES_TEXT = "PNG, JPEG, TIFF, WebP, BMP, GIF or DICOM (one file, several slices or a .zip series)"
+UPLOAD_FILE_TYPES = [".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".bmp", ".gif", ".dcm", ".dicom", ".zip"]
+#: A DICOM series uploaded as several files or a .zip: at most this many files and bytes (uncompressed), in all.
+DEFAULT_MAX_SERIES_FILES = 1000
+DEFAULT_MAX_SERIES_BYTES = 512 * 1024 * 1024
+#: The question box shows a character counter from this share of --max-input-chars on.
+COUNTER_FROM = 0.8
 
 TURN_STREAMING = "streaming"
 TURN_DONE = "done"
@@ -46,6 +52,8 @@ class WebConfig:
     max_image_pixels: int = ImageLimits().max_pixels
     max_image_bytes: int = ImageLimits().max_bytes
     max_input_chars: int = DEFAULT_MAX_INPUT_CHARS
+    max_series_files: int = DEFAULT_MAX_SERIES_FILES
+    max_series_bytes: int = DEFAULT_MAX_SERIES_BYTES
     request_timeout: float | None = None
     examples_dir: Path | None = None
     examples: bool = True
@@ -61,6 +69,8 @@ class WebConfig:
             raise ValueError(f"unknown conv_mode {self.conv_mode!r}; known: {', '.join(template_names())}")
         if self.max_input_chars < 1:
             raise ValueError(f"max_input_chars must be >= 1, got {self.max_input_chars}")
+        if self.max_series_files < 1 or self.max_series_bytes < 1:
+            raise ValueError("max_series_files and max_series_bytes must be >= 1")
         if self.request_timeout is None:
             self.request_timeout = worker_api_timeout()
         if self.request_timeout <= 0:
@@ -72,4 +82,8 @@ class WebConfig:
     @property
     def image_limits(self) -> ImageLimits:
         return ImageLimits(max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels)
+
+    @property
+    def series_limits(self) -> SeriesLimits:
+        return SeriesLimits(max_files=self.max_series_files, max_total_bytes=self.max_series_bytes)
 

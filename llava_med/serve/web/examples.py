@@ -7,6 +7,7 @@ import dataclasses
 import io
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -18,6 +19,7 @@ class Example:
     path: str
     question: str
     source: str
+    thumbnail: str | None = None  # a small PNG of the image as the model sees it (DICOM rendered)
 
 
 def draw_chest_xray(size: int = 512, seed: int = 0) -> Image.Image:
@@ -78,6 +80,73 @@ def draw_histology(size: int = 512, seed: int = 1) -> Image.Image:
     return pil.filter(ImageFilter.GaussianBlur(0.8))
 
 
+def draw_ct_volume(frames: int = 12, size: int = 256, seed: int = 2) -> np.ndarray:
+    """A synthetic axial chest CT, in Hounsfield units (``frames`` x ``size`` x ``size`` int16), drawn by code: body
+    and fat, lungs that grow and shrink from slice to slice, heart, aorta, spine and ribs. Every window preset shows
+    something different in it."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    volume = np.empty((frames, size, size), np.int16)
+    for k in range(frames):
+        t = (k + 0.5) / frames  # 0 (lower chest) .. 1 (apex)
+        hu = np.full((size, size), -1000.0, np.float32)
+        body = ((x - 0.5) / 0.44) ** 2 + ((y - 0.52) / 0.33) ** 2 < 1
+        hu[body] = -90.0  # fat
+        hu[((x - 0.5) / 0.41) ** 2 + ((y - 0.52) / 0.30) ** 2 < 1] = 55.0  # muscle and soft tissue
+        lung_scale = 0.55 + 0.45 * np.sin(np.pi * min(max(t * 1.15, 0.05), 0.95))
+        for cx in (0.32, 0.68):
+            lung = ((x - cx) / (0.14 * lung_scale)) ** 2 + ((y - 0.50) / (0.22 * lung_scale)) ** 2 < 1
+            hu[lung] = -840.0 + 40.0 * np.sin(40 * x[lung]) * np.cos(35 * y[lung])  # vessels in the lung
+        if t < 0.7:  # the heart sits low in the chest
+            heart = ((x - 0.54) / (0.13 * (1 - t))) ** 2 + ((y - 0.46) / (0.11 * (1 - t))) ** 2 < 1
+            hu[heart] = 30.0
+        hu[((x - 0.47) / 0.035) ** 2 + ((y - 0.62) / 0.035) ** 2 < 1] = 190.0  # aorta with contrast
+        hu[((x - 0.5) / 0.05) ** 2 + ((y - 0.74) / 0.045) ** 2 < 1] = 650.0  # vertebral body
+        hu[((x - 0.5) / 0.02) ** 2 + ((y - 0.80) / 0.04) ** 2 < 1] = 900.0  # spinous process
+        ring = np.abs(((x - 0.5) / 0.40) ** 2 + ((y - 0.52) / 0.29) ** 2 - 1) < 0.06
+        ribs = ring & (np.sin(np.arctan2(y - 0.52, x - 0.5) * 9 + k * 0.7) > 0.55)
+        hu[ribs] = 800.0
+        hu += rng.normal(0, 12, hu.shape).astype(np.float32)
+        volume[k] = np.clip(np.rint(hu), -1024, 3071).astype(np.int16)
+    return volume
+
+
+def ct_volume_dataset(volume: np.ndarray | None = None) -> Any:
+    """A multi-frame CT DICOM data set (pydicom) of :func:`draw_ct_volume`: stored values with Rescale Intercept
+    -1024, no stored window, and no patient data at all."""
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    volume = draw_ct_volume() if volume is None else volume
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset("synthetic_ct_volume.dcm", {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.SeriesInstanceUID = generate_uid()
+    ds.Modality = "CT"
+    ds.BodyPartExamined = "CHEST"
+    ds.SeriesDescription = "Synthetic chest CT (drawn by code)"
+    ds.SliceThickness = 5.0
+    ds.PixelSpacing = [1.4, 1.4]
+    ds.Rows, ds.Columns = int(volume.shape[1]), int(volume.shape[2])
+    ds.NumberOfFrames = int(volume.shape[0])
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
+    ds.PixelData = (volume.astype(np.int32) + 1024).astype(np.uint16).tobytes()
+    return ds
+
+
+def _dataset_bytes(ds: Any) -> bytes:
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
 def _skimage_file(name: str) -> Path | None:
     """A scikit-image sample shipped inside the installed package (never downloaded)."""
     try:
@@ -130,6 +199,12 @@ def prepare_examples(folder: str | os.PathLike[str]) -> list[Example]:
 
     examples.append(Example(drawn(draw_chest_xray(), "synthetic_chest_xray.png"),
                             "Describe the findings in this chest X-ray.", "drawn by code"))
+    try:
+        volume = keep(_dataset_bytes(ct_volume_dataset()), "synthetic_ct_volume.dcm")
+    except ImportError:  # pydicom missing
+        volume = None
+    if volume is not None:
+        examples.append(Example(volume, "Which structures are visible in this CT slice?", "drawn by code"))
     for name, question in (("CT_small.dcm", "What imaging modality is this, and which body region does it show?"),
                            ("MR_small.dcm", "What kind of MRI image is this?")):
         src = _pydicom_file(name)
@@ -145,5 +220,14 @@ def prepare_examples(folder: str | os.PathLike[str]) -> list[Example]:
         examples.append(Example(drawn(draw_histology(), "synthetic_histology.png"),
                                 "What staining technique was used, and what structures are visible?",
                                 "drawn by code"))
-    return examples
+    return [dataclasses.replace(e, thumbnail=drawn(_thumbnail(e.path), f"thumb_{Path(e.path).stem}.png"))
+            for e in examples]
+
+
+def _thumbnail(path: str, side: int = 256) -> Image.Image:
+    from llava_med.images.decode import load_image
+
+    image = load_image(Path(path).read_bytes())
+    image.thumbnail((side, side), Image.Resampling.LANCZOS)
+    return image
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import os
 import time
 import uuid
 from pathlib import Path
@@ -13,8 +12,7 @@ from typing import Any
 from PIL import Image
 
 from llava_med.chat import ChatPrompt, Message, render_chat
-from llava_med.errors import ImageError, ImageTooLargeError
-from llava_med.images.decode import ImageLimits, encode_image_base64, image_sha256, load_image
+from llava_med.images.decode import encode_image_base64, image_sha256
 from llava_med.serve.web.chat_log import save_once
 from llava_med.serve.web.config import (
     DEFAULT_IMAGE_PROCESS_MODE,
@@ -27,15 +25,22 @@ from llava_med.serve.web.config import (
 
 @dataclasses.dataclass(frozen=True)
 class SessionImage:
-    """The image of a conversation, as it is sent to the model."""
+    """The image of a conversation, as it is sent to the model: a PNG without metadata."""
 
     sha256: str  # of the PNG bytes sent (the name of the saved file)
-    source_sha256: str  # of the uploaded file's bytes (tells a new upload from the same one)
     b64: str  # base64 PNG, what the worker receives
-    name: str  # the uploaded file's name
     width: int
     height: int
     path: str | None = None  # the saved copy (shown in the chat)
+    details: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False)  # logs and exports
+    fields: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False)  # optional request fields
+
+    def saved(self, images_dir: Path) -> SessionImage:
+        """This image with ``path`` set: saved once, as ``<images_dir>/<sha256>.png``."""
+        if self.path is not None:
+            return self
+        path = save_once(images_dir / f"{self.sha256}.png", base64.b64decode(self.b64))
+        return dataclasses.replace(self, path=str(path))
 
 
 @dataclasses.dataclass
@@ -48,6 +53,7 @@ class Turn:
     error: str | None = None
     model: str | None = None
     conv_mode: str | None = None
+    params: dict[str, Any] = dataclasses.field(default_factory=dict)
     started: float = dataclasses.field(default_factory=time.time)
     finished: float | None = None
 
@@ -67,6 +73,11 @@ class ChatSession:
     @property
     def generating(self) -> bool:
         return bool(self.turns) and self.turns[-1].status == TURN_STREAMING
+
+    @property
+    def can_regenerate(self) -> bool:
+        """Whether the last question has an answer to replace (not while answering, not after an error)."""
+        return bool(self.turns) and self.turns[-1].status in (TURN_DONE, TURN_STOPPED)
 
     def history_turns(self) -> list[Turn]:
         """The answered turns that go into the next prompt (failed turns and empty answers are left out)."""
@@ -104,32 +115,10 @@ def build_prompt(conv_mode: str, session: ChatSession, question_turn: Turn | Non
     return render_chat(messages, conv_mode, image_process_mode=session.image_process_mode)
 
 
-def prepare_image(path: str | os.PathLike[str], *, limits: ImageLimits | None = None,
-                  images_dir: Path | None = None) -> SessionImage:
-    """Decode an uploaded file (any supported image, DICOM included) into the PNG that is sent to the model.
-
-    Raises :class:`ImageError` (or a subclass) with a message naming the problem. With ``images_dir`` the PNG is
-    saved there once, as ``<sha256>.png``.
-    """
-    limits = limits or ImageLimits()
-    path = Path(path)
-    try:
-        size = path.stat().st_size
-        if size > limits.max_bytes:
-            raise ImageTooLargeError(f"{path.name} is {size} bytes, over the limit of {limits.max_bytes} bytes")
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ImageError(f"cannot read the uploaded file {path.name}: {exc}") from exc
-    image = load_image(data, limits=limits)
+def encode_for_model(image: Image.Image) -> SessionImage:
+    """The PNG sent to the model for ``image`` (downscaled to :data:`MAX_SEND_SIDE`; no metadata is written)."""
     if max(image.size) > MAX_SEND_SIDE:
         image = image.copy()
         image.thumbnail((MAX_SEND_SIDE, MAX_SEND_SIDE), Image.Resampling.LANCZOS)
     b64 = encode_image_base64(image)
-    png = base64.b64decode(b64)
-    sha = image_sha256(png)
-    saved = None
-    if images_dir is not None:
-        saved = str(save_once(images_dir / f"{sha}.png", png))
-    return SessionImage(sha256=sha, source_sha256=image_sha256(data), b64=b64, name=path.name,
-                        width=image.width, height=image.height, path=saved)
-
+    return SessionImage(sha256=image_sha256(base64.b64decode(b64)), b64=b64, width=image.width, height=image.height)
