@@ -247,7 +247,8 @@ def test_a_stack_with_a_shared_secret(tmp_path):
         from gradio_client import Client
 
         web = Client(stack.web_url, verbose=False, download_files=False)
-        assert web.predict(None, api_name="/refresh_models")["choices"][0][0] == "llava-med-fake"
+        model_choice, banner_text = web.predict(None, api_name="/refresh_models")
+        assert model_choice["choices"][0][0] == "llava-med-fake", (model_choice, banner_text)
         assert stack.terminate() == 0
     finally:
         stack.kill_everything()
