@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from bench_results import RESULTS, append_results  # scripts/, this script's folder
 
 ROOT = Path(__file__).resolve().parent.parent
 MODES = {"greedy": {"temperature": 0.0}, "top-p": {"temperature": 0.7, "top_p": 0.9}}
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads in each run (default: torch's own; 1 keeps a busy shared machine from "
                              "slowing multi-threaded operations down unevenly)")
-    parser.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"))
+    parser.add_argument("--results", default=str(RESULTS))
     parser.add_argument("--no-write", action="store_true", help="print only")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -198,10 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     print(header)
     print(table)
     if not args.no_write:
-        path = Path(args.results)
-        existing = path.read_text(encoding="utf-8") if path.exists() else "# Benchmark results\n"
-        path.write_text(existing.rstrip("\n") + "\n\n" + header + "\n" + table + "\n", encoding="utf-8")
-        print(f"\nappended to {path}")
+        append_results(args.results, header, table)
     return 0
 
 

@@ -46,6 +46,7 @@ from pathlib import Path
 
 import httpx
 from PIL import Image, ImageDraw
+from bench_results import RESULTS, append_results  # scripts/, this script's folder
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -343,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-cli", action="store_true", help="skip the CLI one-shot answer")
     parser.add_argument("--load-timeout", type=float, default=1800.0)
     parser.add_argument("--no-write", action="store_true", help="print only; do not append to benchmarks/RESULTS.md")
-    parser.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"))
+    parser.add_argument("--results", default=str(RESULTS))
     args = parser.parse_args(argv)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     unknown = [m for m in modes if m not in MODES]
@@ -412,10 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(text)
     if not args.no_write:
-        path = Path(args.results)
-        with open(path, "a", encoding="utf-8") as fh:
-            fh.write("\n" + text)
-        print(f"appended to {path}")
+        append_results(args.results, text)
     return 0
 
 

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import httpx
 from PIL import Image, ImageDraw
+from bench_results import RESULTS, append_results  # scripts/, this script's folder
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -215,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vllm-python", default=str(ROOT / ".venv-vllm" / "bin" / "python"),
                         help="python of the vLLM virtualenv (scripts/setup_vllm_env.sh)")
     parser.add_argument("--kv-cache-memory", default="512MiB", help="vLLM's KV cache (default 512MiB)")
-    parser.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"))
+    parser.add_argument("--results", default=str(RESULTS))
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args(argv)
     concurrencies = [int(c) for c in args.concurrency.split(",")]
@@ -256,11 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     print(header)
     print(table)
     if not args.no_write:
-        path = Path(args.results)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        existing = path.read_text(encoding="utf-8") if path.exists() else "# Benchmark results\n"
-        path.write_text(existing.rstrip("\n") + "\n\n" + header + "\n" + table + "\n", encoding="utf-8")
-        print(f"\nappended to {path}")
+        append_results(args.results, header, table)
     return 0
 
 

@@ -34,6 +34,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from bench_results import RESULTS, append_results  # scripts/, this script's folder
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -262,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--load-8bit", action="store_true")
     parser.add_argument("--load-4bit", action="store_true")
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"))
+    parser.add_argument("--results", default=str(RESULTS))
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args(argv)
     started = time.perf_counter()
@@ -293,10 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     print(header)
     print(table)
     if not args.no_write:
-        out = Path(args.results)
-        existing = out.read_text(encoding="utf-8") if out.exists() else "# Benchmark results\n"
-        out.write_text(existing.rstrip("\n") + "\n\n" + header + "\n" + table + "\n", encoding="utf-8")
-        print(f"\nappended to {out}")
+        append_results(args.results, header, table)
     return 1 if report.failed else 0
 
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+from bench_results import RESULTS, append_results  # scripts/, this script's folder
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -155,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--token-delay", type=float, default=0.005, help="seconds per token of the fake engine")
     p.add_argument("--deadline", type=float, default=300, help="seconds the whole load may take")
-    p.add_argument("--results", default=str(ROOT / "benchmarks" / "RESULTS.md"))
+    p.add_argument("--results", default=str(RESULTS))
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
     report = run_load(args.clients, args.requests, args.new_tokens, args.token_delay, args.deadline)
@@ -180,10 +181,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{platform.python_version()}. {args.clients} concurrent streaming clients through the controller's "
                   f"relay to two fake-engine workers of one model (each request {args.new_tokens} tokens at "
                   f"{args.token_delay * 1000:g} ms per token), clients and servers on the same machine.\n")
-        path = Path(args.results)
-        existing = path.read_text(encoding="utf-8") if path.exists() else "# Benchmark results\n"
-        path.write_text(existing.rstrip("\n") + "\n\n" + header + "\n" + table + "\n", encoding="utf-8")
-        print(f"appended to {path}")
+        append_results(args.results, header, table)
     return 0 if not report.errors and report.completed == report.requests else 1
 
 

@@ -14,10 +14,11 @@ pytestmark = pytest.mark.slow
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "load_test.py"
 
 
-def test_concurrent_streams_through_the_relay_have_no_error(tmp_path):
+def test_concurrent_streams_through_the_relay_have_no_error(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(SCRIPT.parent))  # as when run: the scripts' shared modules sit beside it
     spec = importlib.util.spec_from_file_location("load_test", SCRIPT)
     load_test = importlib.util.module_from_spec(spec)
-    sys.modules["load_test"] = load_test  # dataclasses look their module up there
+    monkeypatch.setitem(sys.modules, "load_test", load_test)  # dataclasses look their module up there
     spec.loader.exec_module(load_test)
     report = load_test.run_load(clients=16, requests_per_client=2, new_tokens=16, token_delay=0.002, deadline=120,
                                 log_dir=tmp_path)

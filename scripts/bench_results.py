@@ -1,0 +1,18 @@
+"""Where the benchmarks write their figures: one section per run, appended to benchmarks/RESULTS.md."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "RESULTS.md"
+
+
+def append_results(path: str | Path, *sections: str) -> Path:
+    """Append ``sections`` (a heading and paragraph, a table...) to the results file, creating it if needed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    existing = path.read_text(encoding="utf-8") if path.exists() else "# Benchmark results\n"
+    body = "\n".join(section.rstrip("\n") + "\n" for section in sections)
+    path.write_text(existing.rstrip("\n") + "\n\n" + body, encoding="utf-8")
+    print(f"\nappended to {path}")
+    return path
