@@ -67,22 +67,32 @@ def record_all(urls: dict[str, str]) -> dict[str, str]:
     return {name: fetch(urls[target], body) for name, (target, body) in requests_for(image).items()}
 
 
-def main() -> int:  # pragma: no cover - run by hand to (re)record
+def record_streams(log_dir: Path) -> dict[str, str]:
+    """Start a controller, a tiny-model worker and a fake worker, and record every stream of :func:`requests_for`
+    (the recording and the test that replays it run this same function). The servers' logs are printed on failure."""
     from servers import FAST_HEARTBEAT_ENV, ProcessGroup, wait_until
 
-    import tempfile
-
-    group = ProcessGroup(Path(tempfile.mkdtemp(prefix="golden-")), env=FAST_HEARTBEAT_ENV)
+    group = ProcessGroup(log_dir, env=FAST_HEARTBEAT_ENV)
     try:
         ctrl = group.start_controller()
         tiny = group.start_worker(ctrl.url, "--stream-min-interval", "0", "--dtype", "float32", engine="hf",
                                   wait=False)
         fake = group.start_worker(None, "--fake-token-delay", "0", model_name=FAKE)
         tiny.wait_healthy(180)
-        wait_until(lambda: requests.post(ctrl.url + "/list_models", timeout=5).json()["models"] == [TINY], 20)
-        streams = record_all({"tiny": tiny.url, "fake": fake.url, "relay": ctrl.url})
+        wait_until(lambda: requests.post(ctrl.url + "/list_models", timeout=5).json()["models"] == [TINY], 20,
+                   message="the tiny worker registered")
+        return record_all({"tiny": tiny.url, "fake": fake.url, "relay": ctrl.url})
+    except BaseException:
+        print(group.logs())
+        raise
     finally:
         group.stop_all()
+
+
+def main() -> int:  # pragma: no cover - run by hand to (re)record
+    import tempfile
+
+    streams = record_streams(Path(tempfile.mkdtemp(prefix="golden-")))
     GOLDEN_FILE.parent.mkdir(parents=True, exist_ok=True)
     GOLDEN_FILE.write_text(json.dumps(streams, indent=1, sort_keys=True) + "\n", encoding="utf-8")
     print(f"recorded {len(streams)} streams to {GOLDEN_FILE}")

@@ -21,7 +21,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from llava_med.eval.files import EvalInputError, iter_jsonl
+from llava_med.eval.files import EvalInputError, load_records
 
 __all__ = ["COLUMNS", "DOMAINS", "domain_of", "main", "parse_scores", "summarize"]
 
@@ -128,15 +128,6 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def load_scores(path: str) -> list[dict[str, Any]]:
-    records = []
-    for line in iter_jsonl(path):
-        if line.record is None:
-            raise EvalInputError(f"{path}: {line.error}")
-        records.append(line.record)
-    return records
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llava-med eval summarize_judge",
                                 description="Summarise a chat_judge scores file per question type and domain.")
@@ -148,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        summary = summarize(load_scores(args.scores_file))
+        summary = summarize(load_records(args.scores_file))
     except EvalInputError as exc:
         print(f"summarize_judge: {exc}", file=sys.stderr)
         return 2
