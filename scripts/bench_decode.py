@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from bench_results import RESULTS, append_results  # scripts/, this script's folder
+from bench_results import RESULTS, publish  # scripts/, this script's folder
 
 ROOT = Path(__file__).resolve().parent.parent
 MODES = {"greedy": {"temperature": 0.0}, "top-p": {"temperature": 0.7, "top_p": 0.9}}
@@ -195,11 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         f"revision; ratio > 1 means this tree is faster. Run time "
         f"{time.perf_counter() - started:.0f} s.\n"
     )
-    print()
-    print(header)
-    print(table)
-    if not args.no_write:
-        append_results(args.results, header, table)
+    publish(None if args.no_write else args.results, header, table)
     return 0
 
 

@@ -46,7 +46,7 @@ from pathlib import Path
 
 import httpx
 from PIL import Image, ImageDraw
-from bench_results import RESULTS, append_results  # scripts/, this script's folder
+from bench_results import RESULTS, publish  # scripts/, this script's folder
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -410,10 +410,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(built_root, ignore_errors=True)
             print(f"deleted {built_root}", flush=True)
     text = report(args, bw, build, results, cli, time.perf_counter() - t0)
-    print()
-    print(text)
-    if not args.no_write:
-        append_results(args.results, text)
+    publish(None if args.no_write else args.results, text)
     return 0
 
 

@@ -16,3 +16,11 @@ def append_results(path: str | Path, *sections: str) -> Path:
     path.write_text(existing.rstrip("\n") + "\n\n" + body, encoding="utf-8")
     print(f"\nappended to {path}")
     return path
+
+
+def publish(path: str | Path | None, *sections: str) -> None:
+    """Print ``sections``, then append them to the results file unless ``path`` is None (``--no-write``)."""
+    print()
+    print("\n".join(sections))
+    if path is not None:
+        append_results(path, *sections)

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import httpx
 from PIL import Image, ImageDraw
-from bench_results import RESULTS, append_results  # scripts/, this script's folder
+from bench_results import RESULTS, publish  # scripts/, this script's folder
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -253,11 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         f"tokens, a different image each); each generates {args.new_tokens} tokens. Modes: {described}. "
         f"Peak RSS sums the worker's processes. Run time {time.perf_counter() - started:.0f} s.\n"
     )
-    print()
-    print(header)
-    print(table)
-    if not args.no_write:
-        append_results(args.results, header, table)
+    publish(None if args.no_write else args.results, header, table)
     return 0
 
 

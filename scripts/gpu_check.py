@@ -34,7 +34,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from bench_results import RESULTS, append_results  # scripts/, this script's folder
+from bench_results import RESULTS, publish  # scripts/, this script's folder
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -290,11 +290,7 @@ def main(argv: list[str] | None = None) -> int:
               f"Run time {elapsed:.0f} s. {'FAILED' if report.failed else 'All checks passed'}.\n")
     table = "\n".join(["| check | result | figures |", "|---|---|---|"]
                       + [f"| {c} | {s} | {d.replace('|', '/')} |" for c, s, d in report.rows])
-    print()
-    print(header)
-    print(table)
-    if not args.no_write:
-        append_results(args.results, header, table)
+    publish(None if args.no_write else args.results, header, table)
     return 1 if report.failed else 0
 
 
