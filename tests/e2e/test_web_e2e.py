@@ -4,6 +4,7 @@ processes), driven with ``gradio_client``."""
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -135,3 +136,25 @@ def test_e2e_errors_votes_and_logs(launched, web, tmp_path_factory, tmp_path):
     added = set(images_dir.iterdir()) - before_images
     assert len(added) == 1 and next(iter(added)).name == f"{new[0]['images'][0]}.png"  # saved once
     assert requests.get(launched.web_url + "/health", timeout=5).json()["status"] == "ok"
+
+
+@pytest.mark.slow
+def test_e2e_out_of_range_inputs_are_refused_by_name_and_the_chat_goes_on(launched, web):
+    """What a script could send past the page's widgets: each is refused with a message naming the value and
+    the limit, no chat is started (nothing logged), and the next good question is answered."""
+    from gradio_client.exceptions import AppError
+
+    model = launched.models()[0]
+    before = len(chat_log(launched))
+    good = ("Hi", "Default", model, 0.2, 0.7, 8)
+    for index, value, words in [(3, -3.0, "less than minimum value 0.0"), (4, 5.0, "greater than maximum value 1.0"),
+                                (5, 10**9, "greater than maximum value 1024"), (1, "Stretch", "not in the list of choices"),
+                                (3, "hot", "Expected a `float`")]:
+        args = list(good)
+        args[index] = value
+        with pytest.raises(AppError, match=re.escape(words)) as raised:
+            web.predict(*args, api_name="/chat")
+        assert "Traceback" not in str(raised.value)
+    assert len(chat_log(launched)) == before
+    result = web.predict(*good, api_name="/chat")
+    assert assistant_text(result[0]) and chat_log(launched)[-1]["status"] == "done"
