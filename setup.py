@@ -1,7 +1,7 @@
 """Installable package for the LLaVA-Med serving stack.
 
 torch is not pinned here so GPU users keep their CUDA build; CPU-only machines install ``torch==2.13.0`` first
-(see scripts/test.sh and the README).
+(scripts/setup_env.sh does, for the demo and the tests; see the README).
 """
 
 from setuptools import find_packages, setup

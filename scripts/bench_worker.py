@@ -3,7 +3,7 @@
 By default the hf engine batching against ``--max-batch-size 1``; with ``--engine hf,vllm`` the engines on the same
 checkpoint.
 
-For each model (the tiny checkpoint, and the ~100M-parameter "small" one built by the same builder) and each
+For each model (the tiny checkpoint, and the ~150M-parameter "small" one built by the same builder) and each
 mode, a worker is started (``--no-register``), then requests are sent straight to ``/worker_generate_stream`` at
 concurrency 1, 4 and 16: half of them with an image (a different image for every request, so no vision or prefix
 cache helps), each generating exactly ``--new-tokens`` tokens (``ignore_eos``). Reported: aggregate output

@@ -11,7 +11,7 @@ a CPU too (``--device cpu``), where the CUDA-only parts say so.
    requests through the engine (on a CPU: the process's peak RSS).
 5. **speed**: decode tokens/s at batch 1 and 16 through the engine.
 
-The model: ``--model-path``, else LLaVA-Med v1.5 7B when it is in the local Hugging Face cache, else the ~100M
+The model: ``--model-path``, else LLaVA-Med v1.5 7B when it is in the local Hugging Face cache, else the ~150M
 "small" random checkpoint (``--preset``). The figures are printed and appended to benchmarks/RESULTS.md; the exit
 status is 1 when a check fails.
 

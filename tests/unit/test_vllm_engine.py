@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -39,12 +40,12 @@ def test_registry_and_flags():
 @pytest.mark.skipif(VLLM_INSTALLED, reason="vLLM is installed here")
 def test_choosing_vllm_without_it_names_the_extra():
     args = model_worker.parse_args(["--engine", "vllm"])
-    with pytest.raises(MissingDependencyError, match=r"llava-med-serve\[vllm\]"):
+    with pytest.raises(MissingDependencyError, match=re.escape("pip install -e '.[vllm]'")):
         VLLMEngine.from_args(args)
     # The worker process exits with that message instead of serving.
     proc = subprocess.run([sys.executable, "-m", "llava_med.serve.model_worker", "--engine", "vllm", "--no-register",
                            "--port", "1"], capture_output=True, text=True, timeout=60)
-    assert proc.returncode != 0 and "llava-med-serve[vllm]" in proc.stderr
+    assert proc.returncode != 0 and "pip install -e '.[vllm]'" in proc.stderr
 
 
 def test_importing_the_engine_imports_neither_vllm_nor_torch():
