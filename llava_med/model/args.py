@@ -43,6 +43,7 @@ class LoadConfig:
     vision_tower: str | None = None
     conv_mode: str | None = None
     local_files_only: bool = False
+    cpu_prepack: bool = True
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -84,6 +85,10 @@ def add_model_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup, *,
     group.add_argument("--conv-mode", default=None, choices=template_names(),
                        help="prompt template (default: chosen from the checkpoint's config)")
     group.add_argument("--local-files-only", action="store_true", help="never contact the Hugging Face hub")
+    group.add_argument("--no-cpu-prepack", dest="cpu_prepack", action="store_false",
+                       help="on a CPU in bfloat16, keep the weights as loaded instead of packing them once for "
+                            "oneDNN (packing: decoding ~1.8x faster on the 7B shapes, weights read into memory "
+                            "instead of mapped from the files)")
 
 
 def load_config_from_args(args: argparse.Namespace) -> LoadConfig:
@@ -100,4 +105,5 @@ def load_config_from_args(args: argparse.Namespace) -> LoadConfig:
         vision_tower=args.vision_tower,
         conv_mode=args.conv_mode,
         local_files_only=args.local_files_only,
+        cpu_prepack=args.cpu_prepack,
     )
