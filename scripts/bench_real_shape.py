@@ -1,5 +1,6 @@
 """Real-shape benchmark: a 7B-shaped LLaVA-Med (random weights; the real model's shapes, key names, bf16 shards and
-vocabulary) loaded and served on this machine in bf16, 8-bit and 4-bit, beside the machine's memory bandwidth.
+vocabulary) loaded and served on this machine in bf16 (weights packed for oneDNN, and unpacked), 8-bit and 4-bit,
+beside the machine's memory bandwidth.
 
 It is heavy (a ~15 GB checkpoint, ~15 GB of memory in bf16): run it alone, under the shared lock,
 
@@ -58,7 +59,9 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from bench_worker import _one_request  # noqa: E402  (the batching benchmark's streaming client)
 
 GIB = 2**30
-MODES = {"bf16": [], "8bit": ["--load-8bit"], "4bit": ["--load-4bit"]}
+#: bf16: the weights packed for oneDNN at load (the default on CPUs); bf16-unpacked: ``--no-cpu-prepack``, the
+#: weights used as mapped from the shards, beside it for the ratio.
+MODES = {"bf16": [], "bf16-unpacked": ["--no-cpu-prepack"], "8bit": ["--load-8bit"], "4bit": ["--load-4bit"]}
 # Bytes per weight of a quantised linear layer (bitsandbytes): int8 with a float32 scale per output row; nf4 with
 # double quantisation (a uint8 absmax per 64 weights, a float32 per 256 of those). lm_head stays in bf16.
 TEXT_PROMPT = "[INST] What are the common causes of a pleural effusion? Case {i}. [/INST]"
@@ -97,7 +100,7 @@ def decode_bytes_per_token(config: dict, mode: str, context: int) -> int:
     kv = kv_heads * (h // heads)
     linear = layers * (2 * h * h + 2 * h * kv + 3 * h * inter)
     rows = layers * (2 * h + 2 * kv + 2 * inter + h)  # output rows of those linears (int8 row scales)
-    per_weight = {"bf16": 2.0, "8bit": 1.0, "4bit": 0.5 + 1 / 64 + 4 / (64 * 256)}[mode]
+    per_weight = {"bf16": 2.0, "bf16-unpacked": 2.0, "8bit": 1.0, "4bit": 0.5 + 1 / 64 + 4 / (64 * 256)}[mode]
     weights = linear * per_weight + (4 * rows if mode == "8bit" else 0)
     norms = (2 * layers + 1) * h * 2
     lm_head = vocab * h * 2
@@ -303,9 +306,9 @@ def report(args: argparse.Namespace, bw: list[dict], build: dict | None, results
         "",
         f"Requests: greedy, `ignore_eos`, {args.new_tokens} new tokens for the decode figures; text prompt ~25 "
         f"tokens; image prompt {max((r.image_prompt_tokens for r in results), default=0)} tokens (576 of them the "
-        "image). Load = worker process start to `/health` (bf16 maps the shards, so its first request pages the "
-        "weights in; 8-bit and 4-bit read them with pread and quantise them while loading). Peak RSS = the worker's "
-        "`VmHWM`.",
+        "image). Load = worker process start to `/health` (bf16 reads the linear weights with pread and packs them "
+        "for oneDNN while loading; bf16-unpacked maps the shards, so its first request pages the weights in; 8-bit "
+        "and 4-bit read them with pread and quantise them while loading). Peak RSS = the worker's `VmHWM`.",
     ]
     if cli:
         lines += ["", f"CLI one-shot answer with an image on the bf16 model (`llava-med chat --query ... --image-file "
@@ -320,6 +323,10 @@ def report(args: argparse.Namespace, bw: list[dict], build: dict | None, results
         checks.append(f"bf16 peak RSS {r.peak_rss / GIB:.2f} GiB < 24 GiB: {'met' if r.peak_rss < 24 * GIB else 'MISSED'}")
         checks.append(f"bf16 decode at concurrency 1 reaches {share:.0%} of the bound (target 60%): "
                       f"{'met' if share >= 0.6 else 'MISSED'}")
+    if "bf16" in by and "bf16-unpacked" in by:
+        packed, plain = by["bf16"], by["bf16-unpacked"]
+        checks.append(f"bf16 decode with packed weights {packed.decode_c1 / plain.decode_c1:.2f}x the unpacked at "
+                      f"concurrency 1, {packed.decode_c4 / plain.decode_c4:.2f}x at 4 (side by side)")
     if "4bit" in by:
         r = by["4bit"]
         checks.append(f"4-bit peak RSS {r.peak_rss / GIB:.2f} GiB < 8 GiB: {'met' if r.peak_rss < 8 * GIB else 'MISSED'}")
@@ -339,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work-dir", default=str(default_cache_dir() / "bench-real-shape"),
                         help="where the checkpoint is built")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoint built here")
-    parser.add_argument("--modes", default="bf16,8bit,4bit", help="comma-separated: bf16, 8bit, 4bit")
+    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated: {', '.join(MODES)}")
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--no-cli", action="store_true", help="skip the CLI one-shot answer")
     parser.add_argument("--load-timeout", type=float, default=1800.0)
