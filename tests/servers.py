@@ -172,6 +172,21 @@ class ProcessGroup:
         return "\n".join(parts)
 
 
+
+@contextlib.contextmanager
+def module_processes(log_dir: Path, request: Any, env: Mapping[str, str] | None = FAST_HEARTBEAT_ENV,
+                     title: str = "stack logs", tail: int = 80) -> Iterator[ProcessGroup]:
+    """A :class:`ProcessGroup` for a module-scoped fixture: every process stopped at the end, and the logs printed
+    when a test that used it failed (``request`` is the fixture's ``pytest.FixtureRequest``)."""
+    group = ProcessGroup(log_dir, env=env)
+    failed_before = request.session.testsfailed
+    try:
+        yield group
+    finally:
+        group.stop_all()
+        if request.session.testsfailed > failed_before:
+            print(f"\n===== {title} =====\n{group.logs(tail)}")
+
 # ---------------------------------------------------------------------------------------------------------------
 # In-process server (for tests that need to look inside the engine while talking real HTTP)
 

@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 import requests
 from sample_images import PHI_VALUES, ct_series, phi_ct_dicom, png_file, scan
-from servers import FAST_HEARTBEAT_ENV, ProcessGroup, ServerProcess, free_port, wait_until
+from servers import ProcessGroup, ServerProcess, free_port, module_processes, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -114,10 +114,8 @@ def site(tmp_path_factory, request) -> Iterator[Site]:
     expect.set_options(timeout=20_000)  # a 2-core machine under load: give the page time
     root = tmp_path_factory.mktemp("browser")
     (root / "tmp").mkdir()
-    group = ProcessGroup(root / "logs", env=FAST_HEARTBEAT_ENV)
     controller_port = free_port()
-    failed_before = request.session.testsfailed
-    try:
+    with module_processes(root / "logs", request, title="server logs") as group:
         # TMPDIR: the web UI's exports and Gradio's upload cache land under root, where the PHI test looks.
         web = group.start_module("web", "llava_med.serve.gradio_web_server", "--controller-url",
                                  f"http://127.0.0.1:{controller_port}", "--model-list-mode", "reload", "--log-dir",
@@ -131,10 +129,6 @@ def site(tmp_path_factory, request) -> Iterator[Site]:
             finally:
                 browser.close()
         print(f"screenshots: {shots}")
-    finally:
-        group.stop_all()
-        if request.session.testsfailed > failed_before:
-            print(f"\n===== server logs =====\n{group.logs()}")
 
 
 def page_text(page) -> str:

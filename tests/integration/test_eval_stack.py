@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import requests
 from sample_images import png_file, scan
-from servers import FAST_HEARTBEAT_ENV, ProcessGroup, wait_until
+from servers import module_processes, wait_until
 
 from llava_med.eval import model_vqa
 
@@ -31,9 +31,7 @@ DEADLINE = 90.0
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, request):
-    group = ProcessGroup(tmp_path_factory.mktemp("eval-stack-logs"), env=FAST_HEARTBEAT_ENV)
-    failed_before = request.session.testsfailed
-    try:
+    with module_processes(tmp_path_factory.mktemp("eval-stack-logs"), request) as group:
         ctrl = group.start_controller()
         workers = [group.start_worker(ctrl.url, engine="hf", wait=False) for _ in range(2)]
         for worker in workers:
@@ -46,10 +44,6 @@ def stack(tmp_path_factory, request):
 
         wait_until(both_registered, 30, message="both workers registered")
         yield ctrl, workers
-    finally:
-        group.stop_all()
-        if request.session.testsfailed > failed_before:
-            print(f"\n===== stack logs =====\n{group.logs()}")
 
 
 def _question_file(folder: Path, n: int, text_only_every: int = 4) -> Path:

@@ -18,6 +18,7 @@ from servers import (
     ServerProcess,
     free_port,
     last_before_error,
+    module_processes,
     original_stream,
     wait_until,
 )
@@ -58,9 +59,7 @@ class Stack:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Stack]:
     """A controller and two workers of the same model; the second started with the README's short flags."""
-    group = ProcessGroup(tmp_path_factory.mktemp("stack-logs"), env=FAST_HEARTBEAT_ENV)
-    failed_before = request.session.testsfailed
-    try:
+    with module_processes(tmp_path_factory.mktemp("stack-logs"), request) as group:
         ctrl = group.start_controller()
         w1 = group.start_worker(ctrl.url, model_name=MODEL, wait=False)
         port = free_port()
@@ -72,10 +71,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureReque
             w.wait_healthy(30)
         wait_until(lambda: workers_known(ctrl) == 2, 10, message="both workers registered")
         yield Stack(ctrl, [w1, w2])
-    finally:
-        group.stop_all()
-        if request.session.testsfailed > failed_before:
-            print(f"\n===== stack logs =====\n{group.logs()}")
 
 
 def test_original_client_flow_direct(stack):

@@ -21,6 +21,7 @@ from servers import (
     ServerProcess,
     free_port,
     last_before_error,
+    module_processes,
     original_stream,
     wait_until,
 )
@@ -46,9 +47,7 @@ def rss_mib(pid: int) -> float:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, request):
-    group = ProcessGroup(tmp_path_factory.mktemp("hardening"), env=FAST_HEARTBEAT_ENV)
-    failed_before = request.session.testsfailed
-    try:
+    with module_processes(tmp_path_factory.mktemp("hardening"), request) as group:
         ctrl = group.start_controller()
         tiny = group.start_worker(ctrl.url, "--stream-min-interval", "0", engine="hf", wait=False)
         fake = group.start_worker(ctrl.url, "--fake-token-delay", "0.001", model_name=FAKE)
@@ -56,10 +55,6 @@ def stack(tmp_path_factory, request):
         wait_until(lambda: set(post(ctrl.url + "/list_models").json()["models"]) == {FAKE, TINY}, 20,
                    message="both workers registered")
         yield group, ctrl, tiny, fake
-    finally:
-        group.stop_all()
-        if request.session.testsfailed > failed_before:
-            print(f"\n===== stack logs =====\n{group.logs()}")
 
 
 def raw_stream(url: str, body: bytes | dict) -> list[dict]:

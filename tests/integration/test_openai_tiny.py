@@ -8,7 +8,7 @@ import base64
 import pytest
 import requests
 from sample_images import png_b64, scan
-from servers import FAST_HEARTBEAT_ENV, ProcessGroup, original_stream, wait_until
+from servers import module_processes, original_stream, wait_until
 
 from llava_med.chat import Message, render_chat
 
@@ -24,9 +24,7 @@ QUESTION = "What does this scan show?"
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, request):
-    group = ProcessGroup(tmp_path_factory.mktemp("openai-stack"), env=FAST_HEARTBEAT_ENV)
-    failed_before = request.session.testsfailed
-    try:
+    with module_processes(tmp_path_factory.mktemp("openai-stack"), request) as group:
         ctrl = group.start_controller()
         tiny = group.start_worker(ctrl.url, engine="hf", wait=False)
         slow = group.start_worker(ctrl.url, "--fake-token-delay", "0.05", "--fake-script", "word " * 1000,
@@ -37,10 +35,6 @@ def stack(tmp_path_factory, request):
         wait_until(lambda: set(requests.post(ctrl.url + "/list_models", timeout=5).json()["models"]) == {TINY, SLOW},
                    20, message="both models listed")
         yield ctrl, tiny, slow, api
-    finally:
-        group.stop_all()
-        if request.session.testsfailed > failed_before:
-            print(f"\n===== stack logs =====\n{group.logs()}")
 
 
 @pytest.fixture

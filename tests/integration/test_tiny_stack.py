@@ -8,7 +8,7 @@ import base64
 import pytest
 import requests
 from sample_images import png_b64, scan
-from servers import FAST_HEARTBEAT_ENV, ProcessGroup, original_stream, wait_until
+from servers import module_processes, original_stream, wait_until
 
 from llava_med.chat import Message, render_chat
 from llava_med.model.generation import generate
@@ -29,9 +29,7 @@ PROMPT, STOP = RENDERED.prompt, RENDERED.stop_str
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, request):
-    group = ProcessGroup(tmp_path_factory.mktemp("tiny-stack-logs"), env=FAST_HEARTBEAT_ENV)
-    failed_before = request.session.testsfailed
-    try:
+    with module_processes(tmp_path_factory.mktemp("tiny-stack-logs"), request) as group:
         ctrl = group.start_controller()
         real = group.start_worker(ctrl.url, engine="hf", wait=False)  # no --model-path: the embedded tiny model
         fake = group.start_worker(ctrl.url, model_name=FAKE, wait=False)
@@ -40,10 +38,6 @@ def stack(tmp_path_factory, request):
         wait_until(lambda: set(requests.post(ctrl.url + "/list_models", timeout=5).json()["models"]) == {TINY, FAKE},
                    20, message="both models listed")
         yield ctrl, real
-    finally:
-        group.stop_all()
-        if request.session.testsfailed > failed_before:
-            print(f"\n===== stack logs =====\n{group.logs()}")
 
 
 def test_image_request_gives_model_layer_greedy_text(stack, tiny_loaded):

@@ -24,7 +24,7 @@ pytest.importorskip("vllm", reason="vLLM is not installed here (bash scripts/set
 
 import requests  # noqa: E402
 from sample_images import png_b64, scan  # noqa: E402
-from servers import FAST_HEARTBEAT_ENV, ProcessGroup, original_stream, wait_until  # noqa: E402
+from servers import ProcessGroup, module_processes, original_stream, wait_until  # noqa: E402
 
 from llava_med.chat import Message, render_chat  # noqa: E402
 from llava_med.serve.client import LlavaMedClient, WorkerError  # noqa: E402
@@ -53,9 +53,8 @@ def small_checkpoint():
 
 @pytest.fixture(scope="module")
 def stack(small_checkpoint, tmp_path_factory, request):
-    group = ProcessGroup(tmp_path_factory.mktemp("vllm-stack-logs"), env=FAST_HEARTBEAT_ENV)
-    failed_before = request.session.testsfailed
-    try:
+    with module_processes(tmp_path_factory.mktemp("vllm-stack-logs"), request, title="vLLM stack logs",
+                          tail=200) as group:
         ctrl = group.start_controller()
         worker = group.start_worker(
             ctrl.url, "--model-path", str(small_checkpoint), "--dtype", "float32", "--kv-cache-memory", "128MiB",
@@ -65,10 +64,6 @@ def stack(small_checkpoint, tmp_path_factory, request):
         wait_until(lambda: MODEL in requests.post(ctrl.url + "/list_models", timeout=5).json()["models"], 20,
                    message="the vLLM worker registered")
         yield ctrl, worker
-    finally:
-        group.stop_all()
-        if request.session.testsfailed > failed_before:
-            print(f"\n===== vLLM stack logs =====\n{group.logs(200)}")
 
 
 @pytest.fixture(scope="module")
