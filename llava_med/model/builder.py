@@ -13,11 +13,12 @@ them and downloads ``mm_vision_tower``), or from ``mm_vision_tower``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -434,7 +435,7 @@ def _cpu_prepack_plan(cfg: LoadConfig, device: str, dtype: torch.dtype) -> bool:
     if not cfg.cpu_prepack:
         logger.info("bf16 weights on the CPU left unpacked (--no-cpu-prepack): decoding is slower")
         return False
-    why_not = can_prepack(dtype)
+    why_not = can_prepack()
     if why_not is not None:
         logger.warning("bf16 weights on the CPU left unpacked, decoding is slower: %s", why_not)
     return why_not is None
@@ -456,19 +457,26 @@ def _prepack_from_checkpoint(model: torch.nn.Module, tensors: CheckpointTensors)
         return prepack_linears(model, weight_of=weight_of, after_each=_release_freed_memory)
 
 
-def _release_freed_memory() -> None:
-    """Return the heap's free pages to the OS (glibc ``malloc_trim``; a no-op elsewhere). Weights converted in
-    place free blocks of tens of MB that glibc keeps in its heap otherwise."""
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or None elsewhere; looked up once (``find_library`` runs ``ldconfig -p`` each call)."""
     import ctypes
     import ctypes.util
 
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name) if name else None
-        if libc is not None and hasattr(libc, "malloc_trim"):
-            libc.malloc_trim(0)
     except OSError:
-        pass
+        return None
+    return getattr(libc, "malloc_trim", None)
+
+
+def _release_freed_memory() -> None:
+    """Return the heap's free pages to the OS (glibc ``malloc_trim``; a no-op elsewhere). Weights converted in
+    place free blocks of tens of MB that glibc keeps in its heap otherwise."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 @torch.inference_mode()

@@ -44,10 +44,8 @@ class PackedLinear(torch.nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-def can_prepack(dtype: torch.dtype) -> str | None:
+def can_prepack() -> str | None:
     """None when bf16 weights can be packed here; else why not (logged by the loader)."""
-    if dtype != torch.bfloat16:
-        return f"weights are {str(dtype).removeprefix('torch.')}, packing is for bfloat16"
     if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight"):
         return "this torch build has no oneDNN (mkldnn) linear kernels"
     try:  # a build or CPU whose oneDNN lacks bf16 kernels fails here, not in the middle of a request
@@ -68,14 +66,15 @@ def prepack_linears(model: torch.nn.Module, weight_of: Callable[[str, torch.nn.L
     ``weight_of(name, linear)`` gives the weight to pack (default: the module's own); the loader reads it from the
     checkpoint with ``pread``, so the pages of the mapped file are never touched and never count in the process's
     memory. ``after_each`` runs after each replacement (the loader returns the freed memory to the OS there)."""
-    count = 0
-    for parent_name, parent in list(model.named_modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is torch.nn.Linear and child.weight.device.type == "cpu":
-                full = f"{parent_name}.{name}" if parent_name else name
-                setattr(parent, name, PackedLinear(child, None if weight_of is None else weight_of(full, child)))
-                del child
-                count += 1
-                if after_each is not None:
-                    after_each()
-    return count
+    # Names only, never the layers themselves: each replaced nn.Linear is freed at once, not when this returns.
+    targets = [(parent, name, f"{parent_name}.{name}" if parent_name else name)
+               for parent_name, parent in model.named_modules()
+               for name, child in parent.named_children()
+               if type(child) is torch.nn.Linear and child.weight.device.type == "cpu"]
+    for parent, name, full in targets:
+        child = getattr(parent, name)
+        setattr(parent, name, PackedLinear(child, None if weight_of is None else weight_of(full, child)))
+        del child
+        if after_each is not None:
+            after_each()
+    return len(targets)
