@@ -553,20 +553,25 @@ def template_names() -> list[str]:
     return sorted(conv_templates)
 
 
-def get_conv_template(name: str) -> Conversation:
-    """Return a fresh, independent copy of the template ``name``; ``ValueError`` listing the names if unknown."""
+def _template(name: str) -> Conversation:
+    """The shared template ``name`` (never to be modified); ``BadRequestError`` listing the names if unknown."""
     try:
-        template = conv_templates[name]
+        return conv_templates[name]
     except (KeyError, TypeError):
         raise BadRequestError(
             f"unknown conversation template {name!r}; known templates: {', '.join(template_names())}"
         ) from None
-    return _copy.deepcopy(template)
+
+
+def get_conv_template(name: str) -> Conversation:
+    """Return a fresh, independent copy of the template ``name``; ``BadRequestError`` listing the names if unknown."""
+    return _copy.deepcopy(_template(name))
 
 
 def stop_str_for(conv_mode: str | None) -> str | None:
-    """The stop string of template ``conv_mode`` (None for no template, or a template without one)."""
-    return get_conv_template(conv_mode).stop_str if conv_mode else None
+    """The stop string of template ``conv_mode`` (None for no template, or a template without one); read from the
+    shared template, no copy (the worker asks for it on every request)."""
+    return _template(conv_mode).stop_str if conv_mode else None
 
 
 # model_type of a checkpoint's config.json -> template the checkpoint was trained with.
