@@ -37,6 +37,7 @@ import math
 import os
 import random
 import shutil
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -45,7 +46,9 @@ from types import MappingProxyType
 import torch
 from safetensors.torch import save_file
 
+from llava_med.model.builder import EMBEDDED_VISION_PREFIX
 from llava_med.model.cache import build_once
+from llava_med.model.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 logger = logging.getLogger(__name__)
 
@@ -54,9 +57,6 @@ FORMAT_VERSION = 3
 TOKENIZERS = ("toy", "mistral-v1")
 TOY_VOCAB_SIZE = 1000
 MISTRAL_VOCAB_SIZE = 32000
-EMBEDDED_VISION_PREFIX = "model.vision_tower.vision_tower.vision_model."
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclass(frozen=True)
@@ -424,10 +424,15 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def plan_shards(p: Preset, seed: int = 0) -> dict[str, str]:
-    """Shard file of every tensor of the checkpoint, in storage order (shapes from a draw-free pass): ``num_shards``
-    shards of equal tensor counts, or shards of at most ``max_shard_bytes``."""
-    sizes = [(name, _nbytes(t)) for name, t in _checkpoint_weights(p, _Init(seed, meta=True))]
+def tensor_sizes(p: Preset) -> list[tuple[str, int]]:
+    """Name and size in bytes of every tensor of the checkpoint, in storage order (a draw-free pass: shapes only)."""
+    return [(name, _nbytes(t)) for name, t in _checkpoint_weights(p, _Init(0, meta=True))]
+
+
+def plan_shards(p: Preset, sizes: list[tuple[str, int]] | None = None) -> dict[str, str]:
+    """Shard file of every tensor of the checkpoint (``sizes``: :func:`tensor_sizes`, computed when not given):
+    ``num_shards`` shards of equal tensor counts, or shards of at most ``max_shard_bytes``."""
+    sizes = tensor_sizes(p) if sizes is None else sizes
     groups: list[list[str]] = []
     if p.max_shard_bytes is None:
         per_shard = math.ceil(len(sizes) / p.num_shards)
@@ -446,7 +451,7 @@ def plan_shards(p: Preset, seed: int = 0) -> dict[str, str]:
 
 def checkpoint_bytes(p: Preset) -> int:
     """Bytes of the checkpoint's tensors (what its index calls ``total_size``)."""
-    return sum(_nbytes(t) for _, t in _checkpoint_weights(p, _Init(0, meta=True)))
+    return sum(size for _, size in tensor_sizes(p))
 
 
 class _ShardWriter:
@@ -455,7 +460,7 @@ class _ShardWriter:
     def __init__(self, folder: Path, plan: dict[str, str]) -> None:
         self.folder = folder
         self.plan = plan
-        self.left = {shard: sum(1 for s in plan.values() if s == shard) for shard in plan.values()}
+        self.left = Counter(plan.values())  # tensors still to come, per shard
         self.pending: dict[str, torch.Tensor] = {}
         self.shard: str | None = None
         self.total = 0
@@ -508,7 +513,8 @@ def write_checkpoint(root: Path, preset: str = "tiny", seed: int = 0, tokenizer:
     clip_dir = root / vision_dir_name(preset)
     ckpt.mkdir(parents=True, exist_ok=True)
     clip_dir.mkdir(parents=True, exist_ok=True)
-    needed = checkpoint_bytes(p)
+    sizes = tensor_sizes(p)
+    needed = sum(size for _, size in sizes)
     free = shutil.disk_usage(root).free
     if needed > free:
         raise OSError(f"the {preset} checkpoint needs {needed / 2**30:.1f} GiB but {root} has "
@@ -516,7 +522,7 @@ def write_checkpoint(root: Path, preset: str = "tiny", seed: int = 0, tokenizer:
     write_tokenizer(ckpt, p, seed)  # first: a missing mistral_common fails before any weight is drawn
 
     init = _Init(seed)
-    writer = _ShardWriter(ckpt, plan_shards(p, seed))
+    writer = _ShardWriter(ckpt, plan_shards(p, sizes))
     clip_weights: dict[str, torch.Tensor] = {}
     for name, t in _checkpoint_weights(p, init):
         writer.add(name, t)
