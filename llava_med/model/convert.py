@@ -252,14 +252,22 @@ def convert_checkpoint(model_path: str | os.PathLike | None, out: str | os.PathL
                        vision_tower: str | None = None, local_files_only: bool = False) -> Path:
     """Write the native Llava form of the checkpoint ``model_path`` (a folder or hub id; None: the embedded tiny
     checkpoint) into the folder ``out``, which must not exist or be empty. Returns ``out``."""
-    from llava_med.model.args import LoadConfig
-    from llava_med.model.builder import CheckpointTensors, load_vision_tower, read_config
+    from llava_med.model.builder import read_config
 
     source = _source_folder(None if model_path is None else str(model_path), local_files_only)
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CheckpointError(f"{out} already exists and is not an empty folder")
-    config = read_config(source)
+    return _convert(source, read_config(source), out, model_path, vision_tower, local_files_only)
+
+
+def _convert(source: Path, config: Mapping[str, Any], out: Path, model_path, vision_tower: str | None,
+             local_files_only: bool) -> Path:
+    """:func:`convert_checkpoint` of the resolved folder ``source`` (the checkpoint ``model_path``) and its
+    ``config``, into the empty or absent folder ``out``."""
+    from llava_med.model.args import LoadConfig
+    from llava_med.model.builder import CheckpointTensors, load_vision_tower
+
     if is_native_llava(config):
         raise CheckpointError(f"{source} is already in the transformers Llava format; serve it as it is")
     if "mm_hidden_size" not in config:
@@ -370,14 +378,15 @@ def ensure_converted(model_path: str | None, *, cache_dir: str | os.PathLike | N
     from llava_med.model.naming import model_name_from_path
 
     source = _source_folder(model_path, local_files_only)
-    if is_native_llava(read_config(source)):
+    config = read_config(source)
+    if is_native_llava(config):
         return source
     base = Path(cache_dir) if cache_dir is not None else default_converted_dir()
     name = model_name_from_path(str(model_path) if model_path else source.name)
 
     def build(folder: Path) -> None:
         logger.info("converting %s into the transformers Llava format (first use)", source)
-        convert_checkpoint(model_path, folder, vision_tower=vision_tower, local_files_only=local_files_only)
+        _convert(source, config, folder, model_path, vision_tower, local_files_only)
 
     return build_once(base / f"{name}-{fingerprint(source, vision_tower)}", CONVERSION_INFO, build)
 
