@@ -476,11 +476,14 @@ def create_app(worker: ModelWorker, *, enable_docs: bool = False) -> FastAPI:
     async def metrics() -> Response:
         return Response(worker.metrics.render(), media_type=CONTENT_TYPE)
 
+    def not_loaded() -> JSONResponse:
+        return _http.error_json(ErrorCode.ENGINE_OVERLOADED, "the model is not loaded yet")  # 503
+
     @app.post("/count_token")
     async def count_token(request: Request) -> Any:
         data = await _http.read_model(request, CountTokenRequest, worker.max_request_bytes)
         if not worker.ready:
-            return _http.error_json(ErrorCode.ENGINE_OVERLOADED, "the model is not loaded yet", status_code=503)
+            return not_loaded()
         worker.check_prompt(data.prompt)
         try:
             count = await asyncio.to_thread(worker.engine.count_tokens, data.prompt)  # tokenising may be slow
@@ -491,13 +494,13 @@ def create_app(worker: ModelWorker, *, enable_docs: bool = False) -> FastAPI:
     @app.post("/worker_get_conv_template")
     async def worker_get_conv_template() -> Any:
         if not worker.ready:
-            return _http.error_json(ErrorCode.ENGINE_OVERLOADED, "the model is not loaded yet", status_code=503)
+            return not_loaded()
         return ConvTemplateResponse(conv_mode=worker.engine.conv_mode)
 
     @app.post("/model_details")
     async def model_details() -> Any:
         if not worker.ready:
-            return _http.error_json(ErrorCode.ENGINE_OVERLOADED, "the model is not loaded yet", status_code=503)
+            return not_loaded()
         return ModelDetailsResponse(context_length=worker.engine.context_length)
 
     return app
