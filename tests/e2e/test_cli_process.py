@@ -39,6 +39,7 @@ def test_interactive_exits_on_ctrl_c():
             time.sleep(0.5)
             if "research use only" in _stderr_so_far(proc):
                 break
+        assert "research use only" in _stderr_so_far(proc), "the chat never showed its prompt"
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=30)
         assert proc.returncode == 0, err

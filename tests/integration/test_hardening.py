@@ -17,7 +17,6 @@ import requests
 from PIL import Image
 from servers import (
     FAST_HEARTBEAT_ENV,
-    ProcessGroup,
     ServerProcess,
     free_port,
     last_before_error,
@@ -228,19 +227,18 @@ def test_workers_without_heartbeats_expire_when_they_stop_answering(stack):
                message="the silent manual entry expired")
 
 
-def test_a_frozen_worker_times_out_and_the_other_serves(tmp_path):
+def test_a_frozen_worker_times_out_and_the_other_serves(procs):
     """SIGSTOP mid-stream: the client gets a timeout error (not a hang), the controller stops routing to it."""
-    env = {**FAST_HEARTBEAT_ENV, "LLAVA_MED_WORKER_API_TIMEOUT": "3"}
-    group = ProcessGroup(tmp_path / "logs", env=env)
+    env = {"LLAVA_MED_WORKER_API_TIMEOUT": "3"}
     frozen = None
     try:
-        ctrl = group.start_controller()
-        workers = [group.start_worker(ctrl.url, "--fake-token-delay", "0.05", model_name=FAKE) for _ in range(2)]
+        ctrl = procs.start_controller(env=env)
+        workers = [procs.start_worker(ctrl.url, "--fake-token-delay", "0.05", model_name=FAKE, env=env)
+                   for _ in range(2)]
         wait_until(lambda: len(requests.get(ctrl.url + "/list_workers", timeout=5).json()["workers"]) == 2, 10,
                    message="both registered")
         long = {"model": FAKE, "prompt": "[INST] talk [/INST]", "ignore_eos": True, "max_new_tokens": 500}
-        response = post(ctrl.url + "/worker_generate_stream", json=long, stream=True, timeout=(5, 20))
-        chunks = (json.loads(c) for c in response.iter_lines(decode_unicode=False, delimiter=b"\0") if c)
+        chunks = original_stream(ctrl.url, long, timeout=(5, 20))
         assert next(chunks)["error_code"] == 0
         [frozen] = [w for w in workers if post(w.url + "/worker_get_status").json()["queue_length"] == 1]
         frozen.signal(signal.SIGSTOP)
@@ -251,11 +249,11 @@ def test_a_frozen_worker_times_out_and_the_other_serves(tmp_path):
         [survivor] = [w for w in workers if w is not frozen]
         wait_until(lambda: {post(ctrl.url + "/get_worker_address", json={"model": FAKE}).json()["address"]
                             for _ in range(3)} == {survivor.url}, 10, message="the frozen worker left the registry")
-        assert original_stream(ctrl.url, {"model": FAKE, "prompt": "[INST] hi [/INST]"})
+        chunks = list(original_stream(ctrl.url, {"model": FAKE, "prompt": "[INST] hi [/INST]"}))
+        assert chunks[-1]["error_code"] == 0 and chunks[-1]["text"].endswith("(end)")  # the survivor answers
     finally:
         if frozen is not None:
             frozen.signal(signal.SIGCONT)
-        group.stop_all()
 
 
 def test_status_command_prints_the_workers(stack):
