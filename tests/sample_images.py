@@ -6,6 +6,7 @@
     ct_dicom()             pydicom's bundled CT slice (a path), skipped if pydicom has no test data
     phi_ct_dicom()         a multi-frame CT carrying patient-identifying tags (PHI_VALUES)
     ct_series(n)           n single-frame CT slices of one series, shuffled
+    window_reference(...)  the DICOM linear window, written out from the standard (the oracle for windowing tests)
 """
 
 from __future__ import annotations
@@ -14,7 +15,17 @@ import base64
 import io
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageDraw
+
+
+def window_reference(values: np.ndarray, center: float, width: float) -> np.ndarray:
+    """DICOM PS3.3 C.11.2.1.2.1 linear window onto 0..255, written independently of llava_med.images.dicom."""
+    lower = center - 0.5 - (width - 1) / 2
+    upper = center - 0.5 + (width - 1) / 2
+    out = ((values - (center - 0.5)) / (width - 1) + 0.5) * 255
+    out = np.where(values <= lower, 0, np.where(values > upper, 255, out))
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
 def scan(seed: int = 0, size: tuple[int, int] = (240, 200)) -> Image.Image:

@@ -39,7 +39,7 @@ FAST_HEARTBEAT_ENV = {
 }
 
 
-def original_stream(url: str, pload: dict, timeout: float = 15) -> Iterator[dict]:
+def original_stream(url: str, pload: dict, timeout: float | tuple[float, float] = 15) -> Iterator[dict]:
     """Exactly what the original gradio server / test_message do with a worker (or controller) stream."""
     response = requests.post(url + "/worker_generate_stream", headers={"User-Agent": "LLaVA Client"}, json=pload,
                              stream=True, timeout=timeout)

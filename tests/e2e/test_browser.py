@@ -20,7 +20,6 @@ so. ``LLAVA_MED_CHROMIUM`` selects another binary.
 from __future__ import annotations
 
 import base64
-import io
 import json
 import os
 import shutil
@@ -31,7 +30,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from sample_images import PHI_VALUES, ct_series, phi_ct_dicom, png_file, scan
+from sample_images import PHI_VALUES, ct_series, phi_ct_dicom, png_bytes, png_file, scan
 from servers import ProcessGroup, ServerProcess, free_port, module_processes, wait_until
 
 pytestmark = pytest.mark.slow
@@ -233,9 +232,9 @@ def test_upload_choose_drop_paste_replace_then_chat_stop_regenerate_vote_export(
         expect(page.locator("#llava-med-preview img")).to_be_visible()
         expect(status).to_contain_text("chest.png: 384×384")
         # Drop another one on the preview, then paste a third: each replaces the image, no clearing needed.
-        drop_files(page, "#llava-med-preview", [("dropped.png", sample_png(scan(2, (300, 200))))])
+        drop_files(page, "#llava-med-preview", [("dropped.png", png_bytes(scan(2, (300, 200))))])
         expect(status).to_contain_text("dropped.png: 300×200")
-        drop_files(page, "#llava-med-input textarea", [("pasted.png", sample_png(scan(3, (320, 240))))], paste=True)
+        drop_files(page, "#llava-med-input textarea", [("pasted.png", png_bytes(scan(3, (320, 240))))], paste=True)
         expect(status).to_contain_text("pasted.png: 320×240")
         assert page.locator("#llava-med-upload input[type=file]").count() == 1  # the drop zone is still there
 
@@ -278,12 +277,6 @@ def test_upload_choose_drop_paste_replace_then_chat_stop_regenerate_vote_export(
                for line in f.read_text().splitlines()]
     assert [(r["type"], r.get("status")) for r in records[-3:]] == [("chat", "stopped"), ("chat", "stopped"),
                                                                     ("upvote", None)]
-
-
-def sample_png(image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, "PNG")
-    return buf.getvalue()
 
 
 def test_dicom_window_and_slices_change_what_the_model_sees_and_no_phi_leaks(site, tmp_path):

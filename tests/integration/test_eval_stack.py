@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from pathlib import Path
 import pytest
 import requests
 from sample_images import png_file, scan
-from servers import module_processes, wait_until
+from servers import _base_env, module_processes, wait_until
 
 from llava_med.eval import model_vqa
 
@@ -67,12 +66,6 @@ def _stack_cmd(ctrl_url: str, qfile: Path, answers: Path, *extra: str) -> list[s
             "--no-progress", *extra]
 
 
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
-    env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
-    return env
-
-
 def _by_id(path: Path) -> dict:
     records = [json.loads(line) for line in path.read_text().splitlines()]
     ids = [r["question_id"] for r in records]
@@ -96,7 +89,7 @@ def test_local_and_stack_answers_are_identical_and_both_workers_served(stack, ti
 
     before = [_generate_requests(w) for w in workers]
     proc = subprocess.run(_stack_cmd(ctrl.url, qfile, remote, "--concurrency", "4", *common), check=False, capture_output=True,
-                          text=True, timeout=DEADLINE, env=_env(), cwd=ROOT)
+                          text=True, timeout=DEADLINE, env=_base_env(None), cwd=ROOT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "24 answered now (0 with errors)" in proc.stdout
 
@@ -127,7 +120,7 @@ def test_killed_run_restarts_and_completes_the_file(stack, tmp_path, sig):
     qfile = _question_file(tmp_path, n)
     answers = tmp_path / "answers.jsonl"
     cmd = _stack_cmd(ctrl.url, qfile, answers, "--concurrency", "2", "--max-new-tokens", "48")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(), cwd=ROOT)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_base_env(None), cwd=ROOT)
     try:
         _wait_for_lines(answers, n // 2, proc)
         proc.send_signal(sig)
@@ -140,7 +133,7 @@ def test_killed_run_restarts_and_completes_the_file(stack, tmp_path, sig):
     kept = answers.read_text()
     assert n // 2 <= kept.count("\n") < n, "stopped halfway"
 
-    done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=DEADLINE, env=_env(), cwd=ROOT)
+    done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=DEADLINE, env=_base_env(None), cwd=ROOT)
     assert done.returncode == 0, done.stdout + done.stderr
     records = _by_id(answers)
     assert sorted(records) == list(range(n)), "no missing id"

@@ -140,15 +140,14 @@ def test_worker_killed_mid_stream(procs: ProcessGroup):
     wait_until(lambda: workers_known(ctrl) == 2, 10, message="both workers registered")
 
     # Through the relay: an error chunk naming the dead worker, within seconds.
-    response = requests.post(ctrl.url + "/worker_generate_stream", json=LONG, stream=True, timeout=(5, 20))
-    lines = (c for c in response.iter_lines(decode_unicode=False, delimiter=b"\0") if c)
+    chunks = original_stream(ctrl.url, LONG, timeout=(5, 20))
     for _ in range(3):
-        assert json.loads(next(lines))["error_code"] == 0
+        assert next(chunks)["error_code"] == 0
     [victim] = wait_until(lambda: [w for w in workers if queue_length(w) == 1], 5, message="the busy worker")
     [survivor] = [w for w in workers if w is not victim]
     victim.kill()
     killed_at = time.monotonic()
-    last = last_before_error(json.loads(line) for line in lines)
+    last = last_before_error(chunks)
     assert time.monotonic() - killed_at < 10
     assert last is not None and last["error_code"] == ErrorCode.WORKER_UNREACHABLE
     assert victim.url in last["text"]

@@ -24,7 +24,7 @@ pytest.importorskip("vllm", reason="vLLM is not installed here (bash scripts/set
 
 import requests  # noqa: E402
 from sample_images import png_b64, scan  # noqa: E402
-from servers import ProcessGroup, module_processes, original_stream, wait_until  # noqa: E402
+from servers import module_processes, original_stream, wait_until  # noqa: E402
 
 from llava_med.chat import Message, render_chat  # noqa: E402
 from llava_med.serve.client import LlavaMedClient, WorkerError  # noqa: E402
@@ -114,9 +114,7 @@ def test_original_client_flow_gives_the_hf_engines_greedy_answers(stack, referen
 
 def test_streams_cumulative_text_in_several_chunks(stack, reference):
     _, worker = stack
-    response = requests.post(worker.url + "/worker_generate_stream", stream=True, timeout=120,
-                             json=greedy(IMAGE_PROMPT.prompt, [IMAGE], echo=False))
-    texts = [json.loads(c)["text"] for c in response.iter_lines(delimiter=b"\0") if c]
+    texts = [c["text"] for c in original_stream(worker.url, greedy(IMAGE_PROMPT.prompt, [IMAGE], echo=False), 120)]
     assert len(texts) >= 4, texts
     assert all(b.startswith(a) for a, b in zip(texts, texts[1:]))
     assert texts[-1] == reference["image"].text
@@ -204,16 +202,12 @@ def test_stop_mid_stream_aborts_the_request_in_vllm(stack):
                message="the worker's queue is empty again")
 
 
-def test_a_checkpoint_vllm_cannot_run_on_cpu_is_refused_with_the_reason(tiny_checkpoint, tmp_path):
+def test_a_checkpoint_vllm_cannot_run_on_cpu_is_refused_with_the_reason(tiny_checkpoint, procs):
     """The tiny checkpoint's 16-wide attention heads: the worker exits naming them, before starting vLLM."""
-    group = ProcessGroup(tmp_path)
-    try:
-        worker = group.start_worker(None, "--model-path", str(tiny_checkpoint), engine="vllm", wait=False)
-        wait_until(lambda: not worker.alive(), 180, interval=0.5, message="the worker to give up")
-        assert worker.proc.returncode != 0
-        assert "vLLM's CPU attention takes head sizes" in worker.log_text() and "are 16" in worker.log_text()
-    finally:
-        group.stop_all()
+    worker = procs.start_worker(None, "--model-path", str(tiny_checkpoint), engine="vllm", wait=False)
+    wait_until(lambda: not worker.alive(), 180, interval=0.5, message="the worker to give up")
+    assert worker.proc.returncode != 0
+    assert "vLLM's CPU attention takes head sizes" in worker.log_text() and "are 16" in worker.log_text()
 
 
 def test_worker_reports_template_context_and_token_counts(stack, reference):

@@ -12,7 +12,7 @@ import pytest
 
 pydicom = pytest.importorskip("pydicom")
 
-from sample_images import PHI_VALUES, ct_dicom, ct_series, phi_ct_dicom  # noqa: E402
+from sample_images import PHI_VALUES, ct_dicom, ct_series, phi_ct_dicom, window_reference  # noqa: E402
 
 from llava_med.errors import BadRequestError, ImageError, ImageTooLargeError  # noqa: E402
 from llava_med.images.common import ImageLimits  # noqa: E402
@@ -35,14 +35,6 @@ def _hu(data: bytes, frame: int) -> np.ndarray:
     return ds.pixel_array[frame].astype(np.float64) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
 
 
-def _window_reference(values: np.ndarray, center: float, width: float) -> np.ndarray:
-    """DICOM PS3.3 C.11.2.1.2.1 (LINEAR), written out independently."""
-    out = np.where(values <= center - 0.5 - (width - 1) / 2, 0.0,
-                   np.where(values > center - 0.5 + (width - 1) / 2, 255.0,
-                            ((values - (center - 0.5)) / (width - 1) + 0.5) * 255.0))
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
-
-
 def test_window_names_are_forgiving_and_unknown_ones_name_the_choices() -> None:
     assert normalize_window("Soft tissue") == normalize_window("soft-tissue") == "soft_tissue"
     assert normalize_window("LUNG") == "lung" and normalize_window(None) is None
@@ -60,7 +52,7 @@ def test_window_names_are_forgiving_and_unknown_ones_name_the_choices() -> None:
 def test_ct_presets_apply_their_window_in_hounsfield_units(preset: str) -> None:
     data = phi_ct_dicom(frames=3)
     out = np.asarray(dicom_to_image(data, options=DicomOptions(preset)))
-    np.testing.assert_array_equal(out[..., 0], _window_reference(_hu(data, 1), *WINDOW_PRESETS[preset]))
+    np.testing.assert_array_equal(out[..., 0], window_reference(_hu(data, 1), *WINDOW_PRESETS[preset]))
 
 
 def test_every_window_gives_different_pixels_and_stored_is_the_default() -> None:
@@ -70,7 +62,7 @@ def test_every_window_gives_different_pixels_and_stored_is_the_default() -> None
         for b in WINDOW_CHOICES:
             assert a == b or not np.array_equal(images[a], images[b]), (a, b)
     np.testing.assert_array_equal(images["stored"], np.asarray(dicom_to_image(data)))
-    np.testing.assert_array_equal(images["stored"][..., 0], _window_reference(_hu(data, 1), 300, 2000))
+    np.testing.assert_array_equal(images["stored"][..., 0], window_reference(_hu(data, 1), 300, 2000))
     custom = np.asarray(dicom_to_image(data, options=DicomOptions("300,2000")))
     np.testing.assert_array_equal(custom, images["stored"])
     # Without a stored window, "stored" falls back to the percentile window, as "auto" always does.
@@ -85,7 +77,7 @@ def test_frame_selection_and_its_error() -> None:
     np.testing.assert_array_equal(middle, np.asarray(dicom_to_image(data, options=DicomOptions("lung", 2))))
     frames = [np.asarray(dicom_to_image(data, options=DicomOptions("lung", k))) for k in range(5)]
     for k in range(5):
-        np.testing.assert_array_equal(frames[k][..., 0], _window_reference(_hu(data, k), -600, 1500))
+        np.testing.assert_array_equal(frames[k][..., 0], window_reference(_hu(data, k), -600, 1500))
     assert not np.array_equal(frames[0], frames[4])
     with pytest.raises(ImageError, match="5 frame.*0 to 4.*no frame 5"):
         dicom_to_image(data, options=DicomOptions(frame=5))
@@ -148,7 +140,7 @@ def test_series_is_ordered_by_position_and_renders_each_slice() -> None:
     assert len(stack) == 5 and stack.middle == 2 and stack.note is None
     assert [stack.info(i).slice_location for i in range(5)] == [0.0, 10.0, 20.0, 30.0, 40.0]
     for k in range(5):  # slice k is -900 + 300 k HU everywhere
-        expected = _window_reference(np.full((64, 64), -900.0 + 300 * k), *WINDOW_PRESETS["lung"])
+        expected = window_reference(np.full((64, 64), -900.0 + 300 * k), *WINDOW_PRESETS["lung"])
         np.testing.assert_array_equal(np.asarray(stack.render(k, "lung"))[..., 0], expected)
     # One multi-frame file gives its frames.
     assert len(open_stack([("v.dcm", phi_ct_dicom(frames=4))], limits=ImageLimits())) == 4

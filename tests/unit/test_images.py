@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image, ImageFile
+from sample_images import window_reference
 
 from llava_med.constants import ErrorCode
 from llava_med.errors import (
@@ -99,15 +100,6 @@ def _sample(name: str) -> str:
     if path is None:
         pytest.skip(f"pydicom sample {name} is not bundled with this pydicom")
     return path
-
-
-def _dicom_window_reference(values: np.ndarray, center: float, width: float) -> np.ndarray:
-    """DICOM PS3.3 C.11.2.1.2.1 linear window onto 0..255, written independently of the module."""
-    lower = center - 0.5 - (width - 1) / 2
-    upper = center - 0.5 + (width - 1) / 2
-    out = ((values - (center - 0.5)) / (width - 1) + 0.5) * 255
-    out = np.where(values <= lower, 0, np.where(values > upper, 255, out))
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
 @pytest.fixture(scope="module")
@@ -526,7 +518,7 @@ def test_dicom_mr_small_stored_window_is_applied() -> None:
     ds = pydicom.dcmread(path)
     center, width = float(ds.WindowCenter), float(ds.WindowWidth)
     values = pydicom.pixels.apply_modality_lut(ds.pixel_array, ds).astype(np.float64)
-    expected = _dicom_window_reference(values, center, width)
+    expected = window_reference(values, center, width)
     out = np.asarray(load_image(path))
     assert out.shape == (64, 64, 3)
     np.testing.assert_array_equal(out[..., 0], expected)
@@ -557,7 +549,7 @@ def test_dicom_rescale_then_window() -> None:
     ds.WindowWidth = 2000
     values = ds.pixel_array.astype(np.float64) * 2 - 1024
     out = np.asarray(dicom_to_image(_dicom_bytes(ds)))
-    np.testing.assert_array_equal(out[..., 0], _dicom_window_reference(values, 1000, 2000))
+    np.testing.assert_array_equal(out[..., 0], window_reference(values, 1000, 2000))
 
 
 def test_dicom_without_preamble() -> None:

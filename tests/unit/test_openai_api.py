@@ -74,8 +74,9 @@ def test_chat_renders_exactly_as_the_web_chat_and_answers(client, stack):
     choice = answer.choices[0]
     assert choice.message.role == "assistant" and choice.finish_reason == "stop"
     assert choice.message.content.startswith("This is a fake answer about:")
-    # The fake engine counts a word per token and 576 tokens per image: usage counts the image's tokens.
-    assert answer.usage.prompt_tokens == len(sent.prompt.replace("<image>", " ").split()) + 576
+    # The fake engine counts a word per token and 576 tokens per image: usage counts the image's tokens (the prompt
+    # above has 14 words besides its <image>).
+    assert answer.usage.prompt_tokens == 14 + 576
     assert answer.usage.completion_tokens > 0
     assert answer.usage.total_tokens == answer.usage.prompt_tokens + answer.usage.completion_tokens
 
