@@ -138,17 +138,22 @@ class Controller(WorkerRegistry):
     async def poll_unmonitored(self) -> list[str]:
         """Ask the workers registered without heartbeats for their status; drop those that stop answering.
         Returns the dropped names."""
-        due = self.unmonitored_due()
-        statuses = await asyncio.gather(*(self.get_worker_status(name) for name in due))
-        dropped = []
-        for name, status in zip(due, statuses):
+        return await self._recheck(self.unmonitored_due(), logging.WARNING,
+                                   "worker %s (registered without heartbeats) stopped answering: removed")
+
+    async def _recheck(self, names: list[str], level: int, removed_msg: str) -> list[str]:
+        """Ask the workers ``names`` for their status at once: update those that answer, remove those that do not
+        (each logged with ``removed_msg`` at ``level``). Returns the removed names."""
+        statuses = await asyncio.gather(*(self.get_worker_status(name) for name in names))
+        removed = []
+        for name, status in zip(names, statuses):
             if status is None:
                 if self.remove_worker(name):
-                    dropped.append(name)
-                    logger.warning("worker %s (registered without heartbeats) stopped answering: removed", name)
+                    removed.append(name)
+                    logger.log(level, removed_msg, name)
             else:
                 self.touch(name, status)
-        return dropped
+        return removed
 
     # ------------------------------------------------------------------------------------------------ registration
     async def register_worker(self, worker_name: str, check_heart_beat: bool, worker_status: Any = None
@@ -193,17 +198,7 @@ class Controller(WorkerRegistry):
 
     async def refresh_all_workers(self) -> list[str]:
         """Ask every worker for its status; update the live ones, drop the dead. Returns the removed names."""
-        names = list(self.workers())
-        statuses = await asyncio.gather(*(self.get_worker_status(n) for n in names))
-        removed = []
-        for name, status in zip(names, statuses):
-            if status is None:
-                if self.remove_worker(name):
-                    removed.append(name)
-                    logger.info("removed stale worker %s", name)
-            else:
-                self.touch(name, status)
-        return removed
+        return await self._recheck(list(self.workers()), logging.INFO, "removed stale worker %s")
 
     # ------------------------------------------------------------------------------------------------ as a worker
     async def worker_api_get_status(self) -> WorkerStatus:
@@ -421,7 +416,10 @@ def create_app(controller: Controller, *, enable_docs: bool = False) -> FastAPI:
     @app.post("/get_worker_address")
     async def get_worker_address(request: Request) -> GetWorkerAddressResponse:
         data = await _http.read_model(request, GetWorkerAddressRequest)
-        return GetWorkerAddressResponse(address=controller.get_worker_address(data.model))
+        address = controller.get_worker_address(data.model)
+        if address:  # the client talks to that worker itself: a dispatch, as a relay's is
+            controller.metrics.dispatched.labels(data.model).inc()
+        return GetWorkerAddressResponse(address=address)
 
     @app.post("/worker_generate_stream")
     async def worker_generate_stream(request: Request) -> _http.ClosingStreamingResponse:

@@ -572,4 +572,11 @@ def test_list_workers_metrics_and_no_docs(app_client):
     assert 'llava_med_controller_errors_total{code="CONTROLLER_NO_WORKER"} 1.0' in text
     assert 'llava_med_controller_registrations_total{outcome="accepted"} 1.0' in text
     assert 'llava_med_controller_worker_queue_length{worker="http://w:1"} 1.0' in text
+    assert "llava_med_controller_dispatched_total{" not in text
+    # A client that asks for an address talks to that worker itself: a dispatch, like a relay's; a miss is not one.
+    assert client.post("/get_worker_address", json={"model": "m"}).json()["address"] == "http://w:1"
+    assert client.post("/get_worker_address", json={"model": "nope"}).json()["address"] == ""
+    text = client.get("/metrics").text
+    assert 'llava_med_controller_dispatched_total{model="m"} 1.0' in text
+    assert 'llava_med_controller_dispatched_total{model="nope"}' not in text
     assert client.get("/docs").status_code == 404 and client.get("/openapi.json").status_code == 404
