@@ -72,6 +72,32 @@ async def aclose_quietly(iterator: Any) -> None:
         logger.exception("error while closing a stream")
 
 
+#: How often a handler that is not streaming checks whether its client is still there.
+DISCONNECT_POLL_INTERVAL = 0.25
+
+
+class ClientDisconnected(LlavaMedError):
+    """The client left before its answer was ready (the work was cancelled)."""
+
+    code = ErrorCode.CANCELLED
+
+    def __init__(self) -> None:
+        super().__init__("the client disconnected")
+
+
+async def until_disconnected(request: Request, work: Any) -> Any:
+    """Await ``work``. Starlette does not cancel a plain handler when its client leaves: poll, and if the client
+    disconnects first, cancel ``work`` (freeing its slot) and raise :class:`ClientDisconnected`."""
+    task = asyncio.ensure_future(work)
+    while not task.done():
+        await asyncio.wait({task}, timeout=DISCONNECT_POLL_INTERVAL)
+        if not task.done() and await request.is_disconnected():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            raise ClientDisconnected()
+    return task.result()
+
+
 async def single_chunk_stream(code: ErrorCode | int, message: str) -> AsyncIterator[bytes]:
     yield encode_chunk(error_chunk(code, message))
 

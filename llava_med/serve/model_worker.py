@@ -64,9 +64,6 @@ __all__ = ["ModelWorker", "build_parser", "create_app", "main", "parse_args", "w
 
 logger = logging.getLogger(__name__)
 
-#: Seconds between checks that a /worker_generate client is still connected.
-DISCONNECT_POLL_INTERVAL = 0.25
-
 #: The original worker capped max_new_tokens at 1024.
 DEFAULT_MAX_NEW_TOKENS_CAP = 1024
 #: Generations admitted at once when the engine does not say (the original worker's default).
@@ -446,16 +443,11 @@ def create_app(worker: ModelWorker, *, enable_docs: bool = False) -> FastAPI:
         except LlavaMedError as exc:
             chunk = error_chunk(exc.code, str(exc))
         else:
-            # Starlette does not cancel a plain handler when its client leaves: watch for it, so the slot is freed.
-            task = asyncio.create_task(worker.generate(params))
-            while not task.done():
-                await asyncio.wait({task}, timeout=DISCONNECT_POLL_INTERVAL)
-                if not task.done() and await request.is_disconnected():
-                    task.cancel()
-                    await asyncio.gather(task, return_exceptions=True)
-                    logger.info("client left /worker_generate: generation cancelled")
-                    return JSONResponse(error_chunk(ErrorCode.CANCELLED, "the client disconnected").model_dump())
-            chunk = task.result()
+            try:
+                chunk = await _http.until_disconnected(request, worker.generate(params))
+            except _http.ClientDisconnected as exc:
+                logger.info("client left /worker_generate: generation cancelled")
+                return JSONResponse(error_chunk(exc.code, str(exc)).model_dump())
         return JSONResponse(chunk.model_dump(exclude_none=True))
 
     @app.post("/worker_get_status")

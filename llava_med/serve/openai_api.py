@@ -42,14 +42,16 @@ from llava_med.chat import Message, render_chat
 from llava_med.constants import DEFAULT_CONTROLLER_URL, DEFAULT_HOST, DEFAULT_OPENAI_PORT, ErrorCode, http_status
 from llava_med.errors import BadRequestError, ImageError, LlavaMedError
 from llava_med.images.decode import ImageLimits, fetch_url
-from llava_med.sampling import WIRE_DEFAULTS, normalize_stop
+from llava_med.sampling import MAX_NEW_TOKENS_LIMIT, WIRE_DEFAULTS, normalize_stop
 from llava_med.serve import _http
+from llava_med.serve.addresses import is_loopback
 from llava_med.serve.client import (
     AsyncLlavaMedClient,
     ClientChunk,
     ClientConnectionError,
     ClientError,
     ClientTimeoutError,
+    NoWorkerError,
     WorkerError,
     generate_payload,
 )
@@ -80,8 +82,6 @@ logger = logging.getLogger(__name__)
 API_KEYS_ENV = "LLAVA_MED_API_KEYS"
 #: OpenAI's default for /v1/completions; chat completions default to what the worker allows.
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
-#: Seconds between checks that a non-streaming client is still connected.
-DISCONNECT_POLL_INTERVAL = 0.25
 
 # error code -> OpenAI's error type and code strings
 _OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
@@ -189,11 +189,14 @@ class OpenAIServer:
 
     async def worker_for(self, model: str) -> str:
         """The worker that will answer ``model``: 404 for a model nobody serves, 503 when its workers are gone."""
-        models = await self.client.list_models()
-        if model not in models:
-            raise APIError(f"the model {model!r} does not exist; available models: {models}",
-                           code=ErrorCode.INVALID_MODEL, param="model")
-        return await self.client.get_worker_address(model)
+        try:
+            return await self.client.get_worker_address(model)  # one call to the controller when all is well
+        except NoWorkerError:
+            models = await self.client.list_models()
+            if model not in models:
+                raise APIError(f"the model {model!r} does not exist; available models: {models}",
+                               code=ErrorCode.INVALID_MODEL, param="model") from None
+            raise
 
     async def image(self, url: str, where: str) -> str:
         """What the worker receives for an ``image_url``: a data URL as is, an http(s) URL downloaded (only with
@@ -260,7 +263,7 @@ class OpenAIServer:
             req.model, prompt, images,
             temperature=WIRE_DEFAULTS.temperature if req.temperature is None else req.temperature,
             top_p=WIRE_DEFAULTS.top_p if req.top_p is None else req.top_p,
-            max_new_tokens=max_tokens if max_tokens is not None else 1_000_000,
+            max_new_tokens=max_tokens if max_tokens is not None else MAX_NEW_TOKENS_LIMIT,
             stop=list(stop), seed=req.seed, echo=False,
         )
 
@@ -318,18 +321,6 @@ async def _collect(first: ClientChunk, rest: AsyncIterator[ClientChunk]) -> Clie
     return last
 
 
-async def _until_disconnected(request: Request, work: Any) -> Any:
-    """Await ``work``; if the client disconnects first, cancel it (closing the stream cancels on the worker)."""
-    task = asyncio.ensure_future(work)
-    while not task.done():
-        await asyncio.wait({task}, timeout=DISCONNECT_POLL_INTERVAL)
-        if not task.done() and await request.is_disconnected():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            raise APIError("the client disconnected", code=ErrorCode.CANCELLED)
-    return task.result()
-
-
 # ---------------------------------------------------------------------------------------------------------------- app
 
 
@@ -375,7 +366,7 @@ def create_app(server: OpenAIServer, *, enable_docs: bool = False) -> FastAPI:
         job = await server.chat_job(req)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if not req.stream:
-            last = await _until_disconnected(request, _collect(*await server.first_and_rest(job)))
+            last = await _http.until_disconnected(request, _collect(*await server.first_and_rest(job)))
             return ChatCompletionResponse(
                 id=rid, created=created, model=job.model, usage=_usage(last),
                 choices=[ChatCompletionChoice(message=OpenAIAssistantMessage(content=last.output),
@@ -412,7 +403,7 @@ def create_app(server: OpenAIServer, *, enable_docs: bool = False) -> FastAPI:
                                       choices=[CompletionChoice(text=text, finish_reason=finish)])
 
         if not req.stream:
-            last = await _until_disconnected(request, _collect(*await server.first_and_rest(job)))
+            last = await _http.until_disconnected(request, _collect(*await server.first_and_rest(job)))
             return response(job.prompt_echo + last.output, _finish_reason(last), _usage(last))
         first, rest = await server.first_and_rest(job)
 
@@ -494,7 +485,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         image_limits=ImageLimits(max_bytes=args.max_image_bytes), image_url_timeout=args.image_url_timeout,
         request_timeout=args.request_timeout, conv_mode=args.conv_mode,
     )
-    if not keys and args.host not in ("127.0.0.1", "localhost", "::1"):
+    if not keys and not is_loopback(args.host):
         logger.warning("serving /v1 on %s without --api-keys: anyone who can reach it may use the models", args.host)
     logger.info("OpenAI-compatible API at %s/v1 (controller %s, %s)", _http.advertised_url(args.host, args.port),
                 args.controller_url, f"{len(keys)} API key(s)" if keys else "no API key required")
