@@ -356,10 +356,7 @@ class LlavaMedClient:
 
     def generate(self, model: str | None, prompt: str, images: Sequence[Any] | None = None, **kwargs: Any) -> str:
         """The whole generated text (without the prompt)."""
-        output = ""
-        for chunk in self.generate_stream(model, prompt, images, **kwargs):
-            output = chunk.output
-        return output
+        return _final_output(self.generate_stream(model, prompt, images, **kwargs))
 
     # ------------------------------------------------------------------------------------------------ chat
     def render(self, model: str | None, messages: Iterable[Message | Mapping[str, Any]], *,
@@ -383,12 +380,15 @@ class LlavaMedClient:
         kwargs.setdefault("stop", list(rendered.stop))
         chunks = self._stream_to(worker, model, rendered.prompt, rendered.images,
                                  image_process_mode=image_process_mode, **kwargs)
-        if stream:
-            return chunks
-        output = ""
-        for chunk in chunks:
-            output = chunk.output
-        return output
+        return chunks if stream else _final_output(chunks)
+
+
+def _final_output(chunks: Iterable[ClientChunk]) -> str:
+    """The answer of a whole stream: each chunk's ``output`` is the answer so far."""
+    output = ""
+    for chunk in chunks:
+        output = chunk.output
+    return output
 
 
 class AsyncLlavaMedClient:

@@ -429,7 +429,7 @@ class Stack:
             self.stop()
 
     def death_report(self, child: _Child, when: str) -> str:
-        code = child.proc.returncode if child.proc is not None else None
+        code = child.returncode
         tail = child.log_tail(LOG_TAIL_LINES)
         return (f"{child.name} (pid {child.proc.pid if child.proc else '?'}) exited {when} with code {code}; "
                 f"last lines of {child.log_path}:\n{tail}")
@@ -437,9 +437,7 @@ class Stack:
     def stop(self) -> None:
         """SIGTERM every live child (web UI first, controller last), wait, SIGKILL the stragglers."""
         for child in reversed(self.children):
-            if child.alive():
-                with contextlib.suppress(ProcessLookupError):
-                    child.proc.send_signal(signal.SIGTERM)
+            child.signal(signal.SIGTERM)
         for child in reversed(self.children):
             try:
                 child.stop(self.config.stop_timeout)

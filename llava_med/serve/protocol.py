@@ -643,7 +643,8 @@ def error_cause(chunk: StreamChunk) -> str:
 def shown(value: Any, limit: int = 60) -> str:
     """A user-provided value as error messages quote it: repr, cut to ``limit`` characters (a 100 KB model name is
     not echoed back whole)."""
-    return _short_repr(value, limit)
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -671,11 +672,6 @@ _TYPE_WORDS = {
     "model_attributes_type": "must be a JSON object",
     "missing": "is required",
 }
-
-
-def _short_repr(value: Any, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _loc_name(loc: tuple[Any, ...]) -> str:
@@ -727,7 +723,7 @@ def validation_error_message(exc: ValidationError) -> str:
             text = str(err.get("msg", "is invalid"))
             text = text[:1].lower() + text[1:]
         if kind not in ("missing", "value_error") and "input" in err:
-            text += f", got {_short_repr(err['input'])}"
+            text += f", got {shown(err['input'])}"
         seen[name] = f"{name}: {text}"
     return "; ".join(seen.values()) or str(exc)
 

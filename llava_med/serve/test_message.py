@@ -13,7 +13,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from llava_med.chat import Message, render_chat
+from llava_med.chat import Message
 from llava_med.constants import DEFAULT_CONTROLLER_URL
 from llava_med.conversation import template_names
 from llava_med.sampling import CHAT_DEFAULTS
@@ -57,14 +57,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 model = models[0]
             worker_addr = client.get_worker_address(model)
             print(f"worker_addr: {worker_addr}")
-        direct = LlavaMedClient(worker_url=worker_addr, timeout=args.timeout)
-        conv_mode = direct.conv_mode_for(worker_addr, args.conv_mode)
-        rendered = render_chat([Message("user", args.message)], conv_mode)
-        print(rendered.prompt, flush=True)
-        output = ""
-        for chunk in direct.generate_stream(model, rendered.prompt, temperature=args.temperature, top_p=args.top_p,
-                                            max_new_tokens=args.max_new_tokens, stop=list(rendered.stop)):
-            output = chunk.output
+        with LlavaMedClient(worker_url=worker_addr, timeout=args.timeout) as direct:
+            _, rendered = direct.render(model, [Message("user", args.message)], conv_mode=args.conv_mode)
+            print(rendered.prompt, flush=True)
+            output = direct.generate(model, rendered.prompt, temperature=args.temperature, top_p=args.top_p,
+                                     max_new_tokens=args.max_new_tokens, stop=list(rendered.stop))
         print(output.strip(), flush=True)
         return 0
     except ClientError as exc:
