@@ -85,15 +85,13 @@ class HFEngine(Engine):
         self,
         load_config: LoadConfig,
         *,
-        model_name: str | None = None,
-        conv_mode: str | None = None,
         batching: BatchingConfig | None = None,
         loaded: LoadedModel | None = None,
     ) -> None:
         self.load_config = load_config
         self.batching = batching or BatchingConfig()
-        self._model_name = model_name or load_config.model_name
-        self._conv_mode = conv_mode or load_config.conv_mode
+        self._model_name = load_config.model_name
+        self._conv_mode = load_config.conv_mode  # from the checkpoint's config once loaded, when not given
         self.loaded: LoadedModel | None = loaded
         self.stats = EngineStats()
         self._features = FeatureCache(self.batching.image_cache_size)
@@ -176,8 +174,7 @@ class HFEngine(Engine):
             kv_cache_memory=args.kv_cache_memory,
             kv_cache_fraction=args.kv_cache_fraction,
         )
-        return cls(load_config_from_args(args), model_name=args.model_name, conv_mode=args.conv_mode,
-                   batching=batching)
+        return cls(load_config_from_args(args), batching=batching)
 
     @property
     def max_concurrency(self) -> int:
@@ -448,9 +445,10 @@ class HFEngine(Engine):
         from llava_med.model.generation import SamplingPlan, sample_tokens
 
         key = tuple(r.rid for r in reqs)
+        samplers = [r.state.sampler for r in reqs]
         if self._plan is None or self._plan[0] != key or self._plan[1].device != logits.device:
-            self._plan = (key, SamplingPlan([r.state.sampler for r in reqs], logits.device))
-        return sample_tokens(logits, [r.state.sampler for r in reqs], self._plan[1]).tolist()
+            self._plan = (key, SamplingPlan(samplers, logits.device))
+        return sample_tokens(logits, samplers, self._plan[1]).tolist()
 
     def _step_failed(self, batch: DecodeBatch, rows: list[_Request], exc: Exception) -> None:
         """Out of memory: the newest request fails and the others go on (the step runs again next iteration). Any
@@ -483,7 +481,7 @@ class HFEngine(Engine):
                     logger.exception("preparing the embeddings of request %d failed", req.rid)
                     self._fail(req, exc)
                     reqs.remove(req)
-        for group in length_groups(reqs, embeds):
+        for group in length_groups(embeds):
             self._prefill_group(batch, [reqs[i] for i in group], [embeds[i] for i in group])
 
     def _prefill_group(self, batch: DecodeBatch, reqs: list[_Request], embeds: list[torch.Tensor]) -> None:

@@ -109,7 +109,7 @@ def deliver(items: list[tuple[asyncio.Queue, Any]]) -> None:
         queue.put_nowait(item)
 
 
-def length_groups(reqs: list, embeds: list[torch.Tensor], max_waste: float = 0.25) -> list[list[int]]:
+def length_groups(embeds: list[torch.Tensor], max_waste: float = 0.25) -> list[list[int]]:
     """Split prompts (sorted by length) into groups prefilled together, so that padding adds at most
     ``max_waste`` of extra positions to a group."""
     order = sorted(range(len(embeds)), key=lambda i: embeds[i].shape[0])

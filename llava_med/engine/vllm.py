@@ -123,8 +123,6 @@ class VLLMEngine(Engine):
         load_config: LoadConfig,
         options: VLLMOptions | None = None,
         *,
-        model_name: str | None = None,
-        conv_mode: str | None = None,
         image_limits: ImageLimits | None = None,
         allow_image_urls: bool = False,
     ) -> None:
@@ -136,8 +134,8 @@ class VLLMEngine(Engine):
         self.options = options or VLLMOptions()
         self.image_limits = image_limits or ImageLimits()
         self.allow_image_urls = allow_image_urls
-        self._model_name = model_name or load_config.model_name
-        self._conv_mode = conv_mode or load_config.conv_mode
+        self._model_name = load_config.model_name
+        self._conv_mode = load_config.conv_mode  # from the conversion's info once loaded, when not given
         self._served: _Served | None = None
         self.llm: Any = None
         self._ids = itertools.count(1)
@@ -182,8 +180,7 @@ class VLLMEngine(Engine):
             max_images_per_prompt=args.max_images_per_prompt,
             extra=parse_vllm_args(args.vllm_args),
         )
-        return cls(load_config_from_args(args), options, model_name=args.model_name, conv_mode=args.conv_mode,
-                   allow_image_urls=getattr(args, "allow_image_urls", False))
+        return cls(load_config_from_args(args), options, allow_image_urls=getattr(args, "allow_image_urls", False))
 
     # ----------------------------------------------------------------------------------------------- status
     @property

@@ -153,8 +153,7 @@ class LocalBackend:
 
         batching = BatchingConfig(max_batch_size=args.batch_size, max_queue=max(2 * args.batch_size, 16),
                                   stream_min_interval=3600.0)  # only the final text is used
-        self.engine = HFEngine(load_config_from_args(args), model_name=args.model_name, conv_mode=args.conv_mode,
-                               batching=batching, loaded=loaded)
+        self.engine = HFEngine(load_config_from_args(args), batching=batching, loaded=loaded)
         # Keep the queue full, so a new row joins the batch as soon as one finishes.
         self.concurrency = 2 * args.batch_size
         self.conv_mode = ""

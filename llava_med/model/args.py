@@ -87,7 +87,7 @@ def add_model_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup, *,
     group.add_argument("--local-files-only", action="store_true", help="never contact the Hugging Face hub")
     group.add_argument("--no-cpu-prepack", dest="cpu_prepack", action="store_false",
                        help="on a CPU in bfloat16, keep the weights as loaded instead of packing them once for "
-                            "oneDNN (packing: decoding ~1.8x faster on the 7B shapes, weights read into memory "
+                            "oneDNN (packing: decoding 2-2.6x faster on the 7B shapes, weights read into memory "
                             "instead of mapped from the files)")
 
 
