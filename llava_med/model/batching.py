@@ -124,8 +124,9 @@ def pool_slots(layout: PoolLayout, *, max_slots: int, memory: int | None = None,
     else:
         fits = []
         for device, per_slot in layout.slot_bytes_by_device().items():
-            budget = int(free(device) * fraction)
-            fits.append((budget // per_slot, f"{fraction:g} of the {format_bytes(free(device))} free on {device}"))
+            available = free(device)
+            fits.append((int(available * fraction) // per_slot,
+                         f"{fraction:g} of the {format_bytes(available)} free on {device}"))
         slots, reason = min(fits)
     if slots < 1:
         raise LlavaMedError(

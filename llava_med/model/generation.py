@@ -92,7 +92,6 @@ class SamplingPlan:
     def __init__(self, samplers: Sequence[TokenSampler], device: torch.device | str) -> None:
         device = torch.device(device)
         self.device = device
-        self.size = len(samplers)
         sampling = [i for i, s in enumerate(samplers) if not s.params.greedy]
         plain = [i for i in sampling if samplers[i].params.top_p >= 1.0]
         nucleus = [i for i in sampling if samplers[i].params.top_p < 1.0]
