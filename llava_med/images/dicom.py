@@ -128,14 +128,6 @@ class DicomOptions:
             return float(center), float(width)
         return None
 
-    def describe(self) -> str:
-        parts = []
-        if self.window is not None:
-            parts.append(f"window {WINDOW_LABELS.get(self.window, self.window)}")
-        if self.frame is not None:
-            parts.append(f"frame {self.frame}")
-        return ", ".join(parts) or "default rendering"
-
 
 def has_dicom_magic(data: bytes | bytearray | memoryview) -> bool:
     return len(data) >= 132 and bytes(data[128:132]) == b"DICM"

@@ -148,12 +148,10 @@ def open_stack(files: Sequence[tuple[str, bytes]], *, limits: ImageLimits, sourc
     infos: list[tuple[str, bytes, DicomInfo]] = []
     skipped = 0
     for name, data in files:
-        info = None
-        if is_dicom_bytes(data):
-            try:
-                info = read_dicom_info(data)
-            except ImageError:
-                info = None
+        try:
+            info = read_dicom_info(data)  # refuses what is not DICOM
+        except ImageError:
+            info = None
         if info is None or not (info.rows and info.columns):
             skipped += 1
             continue

@@ -28,8 +28,8 @@ WEB_GRACEFUL_SHUTDOWN = 1
 SUPPORTED_IMAGES_TEXT = "PNG, JPEG, TIFF, WebP, BMP, GIF or DICOM (one file, several slices or a .zip series)"
 UPLOAD_FILE_TYPES = [".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".bmp", ".gif", ".dcm", ".dicom", ".zip"]
 #: A DICOM series uploaded as several files or a .zip: at most this many files and bytes (uncompressed), in all.
-DEFAULT_MAX_SERIES_FILES = 1000
-DEFAULT_MAX_SERIES_BYTES = 512 * 1024 * 1024
+DEFAULT_MAX_SERIES_FILES = SeriesLimits().max_files
+DEFAULT_MAX_SERIES_BYTES = SeriesLimits().max_total_bytes
 #: The question box shows a character counter from this share of --max-input-chars on.
 COUNTER_FROM = 0.8
 
