@@ -247,8 +247,9 @@ def test_examples_are_real_or_drawn_and_decodable(tmp_path):
 def test_conversation_log_lines(tmp_path):
     log = ConversationLog(tmp_path / "logs")
     session = session_with_image(tmp_path)
-    session.turns = [Turn("q", "a", TURN_DONE, model="m", conv_mode="mistral_instruct", finished=time.time())]
-    log.log_chat(session, session.turns[0], params={"temperature": 0.2}, ip="127.0.0.1")
+    session.turns = [Turn("q", "a", TURN_DONE, model="m", conv_mode="mistral_instruct", finished=time.time(),
+                          params={"temperature": 0.2})]
+    log.log_chat(session, session.turns[0], ip="127.0.0.1")
     log.log_vote("upvote", session, model="m", ip="127.0.0.1")
     lines = log.path_for().read_text().splitlines()
     records = [json.loads(line) for line in lines]
@@ -318,7 +319,7 @@ def test_worker_reports_its_template(fake_stack):
 
 def panel_of(ui, path: Path):
     """The image panel after uploading ``path`` (the upload handler's state output)."""
-    return ui.upload([str(path)], None)[ui.c.panel]
+    return ui.upload([str(path)])[ui.c.panel]
 
 
 def test_chat_streams_with_the_workers_template_and_logs(ui, fake_stack, tmp_path):
@@ -349,7 +350,7 @@ def test_dicom_panel_sends_its_window_and_frame(ui, fake_stack, tmp_path):
     c = ui.c
     volume = tmp_path / "v.dcm"
     volume.write_bytes(sample_images.phi_ct_dicom(frames=3))
-    view = ui.upload([str(volume)], None)
+    view = ui.upload([str(volume)])
     assert view[c.window]["visible"] and view[c.slice]["visible"] and view[c.slice]["value"] == 2
     lung = ui.choose_window("lung", view[c.panel])
     first = ui.choose_slice(1, lung[c.panel])
@@ -367,7 +368,7 @@ def test_problems_are_shown_once_in_their_place(ui, tmp_path):
     c = ui.c
     junk = tmp_path / "scan.png"
     junk.write_bytes(b"just text, not an image")
-    view = ui.upload([str(junk)], None)
+    view = ui.upload([str(junk)])
     assert c.panel not in view  # the panel keeps what it had
     assert "scan.png is not an image this chat can read" in view[c.upload_status]
     out = last(ui.chat(None, None, "Hello?", "Default", "no-such-model", 0.2, 0.7, 64, None))

@@ -48,7 +48,7 @@ class ConversationLog:
             with open(self.path_for(record["tstamp"]), "a", encoding="utf-8") as fh:
                 fh.write(line)
 
-    def log_chat(self, session: ChatSession, turn: Turn, *, params: dict[str, Any], ip: str | None) -> None:
+    def log_chat(self, session: ChatSession, turn: Turn, *, ip: str | None) -> None:
         self.append({
             "type": "chat",
             "conv_id": session.conv_id,
@@ -59,7 +59,7 @@ class ConversationLog:
             "error": turn.error,
             "start": round(turn.started, 4),
             "finish": round(turn.finished or time.time(), 4),
-            "params": params,
+            "params": turn.params,
             "images": [session.image.sha256] if session.image is not None else [],
             "image_details": session.image.details if session.image is not None else None,
             "image_process_mode": session.image_process_mode,

@@ -36,14 +36,13 @@ def conversation_json(session: ChatSession) -> dict[str, Any]:
     }
 
 
-def conversation_markdown(session: ChatSession) -> str:
-    """The conversation as Markdown, the image embedded as a data URL."""
-    data = conversation_json(session)
+def conversation_markdown(data: dict[str, Any]) -> str:
+    """The conversation (:func:`conversation_json`) as Markdown, the image embedded as a data URL."""
     lines = ["# LLaVA-Med conversation", "", f"*Exported {data['exported_at']}. {RESEARCH_ONLY_NOTICE}*", ""]
     image = data["image"]
     if image is not None:
         about = [f"{image['width']}×{image['height']} PNG as sent to the model",
-                 f"preprocessing {session.image_process_mode}"]
+                 f"preprocessing {data['image_process_mode']}"]
         dicom = image.get("dicom") or {}
         about += [f"{key.replace('_', ' ')} {value}" for key, value in dicom.items() if value not in (None, "", 1)]
         lines += [f"![The image asked about](data:image/png;base64,{image['png_base64']})", "",
@@ -63,7 +62,8 @@ def write_exports(session: ChatSession, folder: str | os.PathLike[str]) -> tuple
     """Write the Markdown and JSON exports of ``session`` into ``folder``; returns their paths."""
     folder = Path(folder) / session.conv_id
     stem = f"llava-med-conversation-{session.conv_id[:8]}"
-    markdown = write_atomic(folder / f"{stem}.md", conversation_markdown(session).encode("utf-8"))
-    payload = json.dumps(conversation_json(session), ensure_ascii=False, indent=2)
+    data = conversation_json(session)  # one export time for both files
+    markdown = write_atomic(folder / f"{stem}.md", conversation_markdown(data).encode("utf-8"))
+    payload = json.dumps(data, ensure_ascii=False, indent=2)
     as_json = write_atomic(folder / f"{stem}.json", payload.encode("utf-8"))
     return str(markdown), str(as_json)

@@ -144,7 +144,7 @@ class Handlers:
         return {self.c.model: gr.update(choices=models, value=value), **self._banner(models, reachable)}
 
     # ------------------------------------------------------------------------------------------ image panel
-    def upload(self, files: Any, panel: PanelImage | None) -> Update:
+    def upload(self, files: Any) -> Update:
         """New file(s) dropped, pasted or chosen: they replace the panel's image; a problem leaves it as it was."""
         paths = [f for f in (files if isinstance(files, (list, tuple)) else [files]) if f]
         if not paths:
@@ -161,7 +161,7 @@ class Handlers:
             discard_upload(paths)
         return self._panel_view(new)
 
-    def load_example(self, index: int, panel: PanelImage | None) -> Update:
+    def load_example(self, index: int) -> Update:
         example = self.examples[index]
         try:
             new = read_upload([example.path], self.config)
@@ -321,7 +321,7 @@ class Handlers:
             session.streaming = False
             if logged:
                 try:
-                    self.log.log_chat(session, turn, params=turn.params, ip=_client_ip(request))
+                    self.log.log_chat(session, turn, ip=_client_ip(request))
                 except OSError:
                     logger.exception("cannot write the conversation log")
         yield self._chat_view(session, final=True)

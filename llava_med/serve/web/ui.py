@@ -81,10 +81,6 @@ class WebUI(Handlers):
         self.c = Components()
         self.demo = self._build()
 
-    def list_models(self) -> list[str]:
-        """The controller's models; [] when it cannot be reached (the cause is logged)."""
-        return self.controller_state()[0]
-
     def page_load(self, current: str | None) -> dict[Any, Any]:
         """A page opens: with ``--model-list-mode reload`` (or no model yet) ask the controller again."""
         if self.config.model_list_mode == "reload" or not self.initial_models:
@@ -209,14 +205,14 @@ class WebUI(Handlers):
                                       (c.flag, self.flag, "flag")):
             button.click(handler, inputs=[c.state, c.model], outputs=chat_outputs, api_name=name, queue=False,
                          show_progress="hidden")
-        c.upload.upload(self.upload, inputs=[c.upload, c.panel], outputs=panel_outputs, api_name="upload",
+        c.upload.upload(self.upload, inputs=[c.upload], outputs=panel_outputs, api_name="upload",
                         show_progress="minimal")
         c.window.input(self.choose_window, inputs=[c.window, c.panel], outputs=panel_outputs, api_name="window",
                        show_progress="hidden", trigger_mode="always_last")
         c.slice.input(self.choose_slice, inputs=[c.slice, c.panel], outputs=panel_outputs, api_name="slice",
                       show_progress="hidden", trigger_mode="always_last")
         for i, button in enumerate(example_buttons):
-            button.click(functools.partial(self.load_example, i), inputs=[c.panel],
+            button.click(functools.partial(self.load_example, i), inputs=None,
                          outputs=[*panel_outputs, c.textbox], api_visibility="private", show_progress="hidden")
         banner_outputs = [c.model, c.banner, c.banner_text]
         for button, name in ((c.refresh, "refresh_models"), (c.retry, "retry")):

@@ -73,8 +73,8 @@ class PanelImage:
         fields: dict[str, Any] = {}
         if self.window is not None:
             fields["dicom_window"] = self.window
-        if self.stack is not None and self.stack.slices[self.stack.clamp(self.index)].frame is not None:
-            fields["dicom_frame"] = self.stack.slices[self.stack.clamp(self.index)].frame
+        if self.stack is not None and self.stack.slices[self.index].frame is not None:
+            fields["dicom_frame"] = self.stack.slices[self.index].frame
         return fields
 
     def description(self) -> dict[str, Any]:
@@ -82,7 +82,7 @@ class PanelImage:
         out: dict[str, Any] = {"sha256": self.image.sha256, "width": self.image.width, "height": self.image.height}
         if self.info is not None:
             out["dicom"] = {**self.info.to_dict(), "window": self.window,
-                            "slice": None if self.stack is None else self.stack.clamp(self.index) + 1,
+                            "slice": None if self.stack is None else self.index + 1,
                             "slices": self.slices}
         return out
 
