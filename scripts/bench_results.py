@@ -1,10 +1,17 @@
-"""Where the benchmarks write their figures: one section per run, appended to benchmarks/RESULTS.md."""
+"""Where the benchmarks write their figures (one section per run, appended to benchmarks/RESULTS.md), and the
+percentile they all quote."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "RESULTS.md"
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The ``q`` quantile of ``values`` (nearest rank); NaN when there are none."""
+    data = sorted(values)
+    return data[min(len(data) - 1, round(q * (len(data) - 1)))] if data else float("nan")
 
 
 def append_results(path: str | Path, *sections: str) -> Path:

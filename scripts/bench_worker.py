@@ -37,7 +37,7 @@ from pathlib import Path
 
 import httpx
 from PIL import Image, ImageDraw
-from bench_results import RESULTS, publish  # scripts/, this script's folder
+from bench_results import RESULTS, percentile, publish  # scripts/, this script's folder
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -63,8 +63,7 @@ class Result:
         return self.tokens / self.seconds
 
     def pct(self, q: float) -> float:
-        data = sorted(self.ttft)
-        return data[min(len(data) - 1, round(q * (len(data) - 1)))]
+        return percentile(self.ttft, q)
 
 
 def _image_b64(i: int) -> str:

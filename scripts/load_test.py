@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-from bench_results import RESULTS, append_results  # scripts/, this script's folder
+from bench_results import RESULTS, append_results, percentile  # scripts/, this script's folder
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -52,15 +52,11 @@ class Report:
     def completed(self) -> int:
         return len(self.latencies)
 
-    def pct(self, values: list[float], q: float) -> float:
-        data = sorted(values)
-        return data[min(len(data) - 1, round(q * (len(data) - 1)))] if data else float("nan")
-
     def summary(self) -> str:
         return (f"{self.completed}/{self.requests} requests, {len(self.errors)} errors, "
                 f"{self.completed / self.seconds:.1f} req/s, {self.tokens / self.seconds:.0f} tok/s, latency p50 "
-                f"{self.pct(self.latencies, 0.5):.2f} s p95 {self.pct(self.latencies, 0.95):.2f} s, TTFT p50 "
-                f"{self.pct(self.ttfts, 0.5):.3f} s p95 {self.pct(self.ttfts, 0.95):.3f} s, served {self.served}")
+                f"{percentile(self.latencies, 0.5):.2f} s p95 {percentile(self.latencies, 0.95):.2f} s, TTFT p50 "
+                f"{percentile(self.ttfts, 0.5):.3f} s p95 {percentile(self.ttfts, 0.95):.3f} s, served {self.served}")
 
 
 def _one(client: httpx.Client, url: str, i: int, new_tokens: int, report: Report, lock: threading.Lock) -> None:
@@ -169,9 +165,9 @@ def main(argv: list[str] | None = None) -> int:
             "served (worker 0 / 1) | peak RSS controller / workers (MiB) |",
             "|---|---|---|---|---|---|---|---|---|",
             f"| {args.clients} | {report.requests} | {len(report.errors)} | {report.completed / report.seconds:.1f} | "
-            f"{report.tokens / report.seconds:.0f} | {report.pct(report.latencies, 0.5):.2f} / "
-            f"{report.pct(report.latencies, 0.95):.2f} | {report.pct(report.ttfts, 0.5):.3f} / "
-            f"{report.pct(report.ttfts, 0.95):.3f} | {report.served.get('worker-0')} / {report.served.get('worker-1')} "
+            f"{report.tokens / report.seconds:.0f} | {percentile(report.latencies, 0.5):.2f} / "
+            f"{percentile(report.latencies, 0.95):.2f} | {percentile(report.ttfts, 0.5):.3f} / "
+            f"{percentile(report.ttfts, 0.95):.3f} | {report.served.get('worker-0')} / {report.served.get('worker-1')} "
             f"| {report.peak_rss_mib.get('controller')} / {report.peak_rss_mib.get('worker-0')}, "
             f"{report.peak_rss_mib.get('worker-1')} |",
         ])
