@@ -36,13 +36,12 @@ import json
 import os
 import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -55,15 +54,12 @@ sys.path.insert(0, str(ROOT))
 from llava_med.model.tiny import PRESETS, checkpoint_bytes, default_cache_dir  # noqa: E402
 from llava_med.serve.processes import ManagedProcess, free_port, peak_rss_bytes  # noqa: E402
 
-sys.path.insert(0, str(ROOT / "scripts"))
 from bench_worker import _one_request  # noqa: E402  (the batching benchmark's streaming client)
 
 GIB = 2**30
 #: bf16: the weights packed for oneDNN at load (the default on CPUs); bf16-unpacked: ``--no-cpu-prepack``, the
 #: weights used as mapped from the shards, beside it for the ratio.
 MODES = {"bf16": [], "bf16-unpacked": ["--no-cpu-prepack"], "8bit": ["--load-8bit"], "4bit": ["--load-4bit"]}
-# Bytes per weight of a quantised linear layer (bitsandbytes): int8 with a float32 scale per output row; nf4 with
-# double quantisation (a uint8 absmax per 64 weights, a float32 per 256 of those). lm_head stays in bf16.
 TEXT_PROMPT = "[INST] What are the common causes of a pleural effusion? Case {i}. [/INST]"
 IMAGE_PROMPT = "[INST] <image>\nDescribe the lesion in this scan. [/INST]"
 
@@ -87,8 +83,7 @@ def memory_bandwidth(gib: float = 1.0, repeats: int = 10) -> dict[str, float]:
         read_s.append(time.perf_counter() - start)
     nbytes = n * 4
     del src, dst
-    return {"copy_gbs": 2 * nbytes / min(copy_s) / 1e9, "read_gbs": nbytes / min(read_s) / 1e9,
-            "copy_median_gbs": 2 * nbytes / statistics.median(copy_s) / 1e9, "threads": torch.get_num_threads()}
+    return {"copy_gbs": 2 * nbytes / min(copy_s) / 1e9, "read_gbs": nbytes / min(read_s) / 1e9}
 
 
 # ---------------------------------------------------------------------------------------------------- bytes/token
@@ -100,6 +95,8 @@ def decode_bytes_per_token(config: dict, mode: str, context: int) -> int:
     kv = kv_heads * (h // heads)
     linear = layers * (2 * h * h + 2 * h * kv + 3 * h * inter)
     rows = layers * (2 * h + 2 * kv + 2 * inter + h)  # output rows of those linears (int8 row scales)
+    # Bytes per weight of a quantised linear layer (bitsandbytes): int8 with a float32 scale per output row; nf4 with
+    # double quantisation (a uint8 absmax per 64 weights, a float32 per 256 of those). lm_head stays in bf16.
     per_weight = {"bf16": 2.0, "bf16-unpacked": 2.0, "8bit": 1.0, "4bit": 0.5 + 1 / 64 + 4 / (64 * 256)}[mode]
     weights = linear * per_weight + (4 * rows if mode == "8bit" else 0)
     norms = (2 * layers + 1) * h * 2
@@ -161,7 +158,6 @@ class ModeResult:
     bandwidth: float = 0.0  # copy GB/s measured just before this mode's decoding
     context: int = 0
     error: str | None = None
-    notes: list[str] = field(default_factory=list)
 
 
 def run_mode(mode: str, ckpt: Path, config: dict, new_tokens: int, log_dir: Path, timeout: float) -> ModeResult:

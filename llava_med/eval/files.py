@@ -115,8 +115,6 @@ class ResultsFile:
         self.path = Path(path)
         self.key = key
         self.done: dict[str, dict[str, Any]] = {}
-        self.repaired_tail = False
-        self.dropped = 0
         self._fh: Any = None
 
     def open(self, drop: Callable[[dict[str, Any]], bool] | None = None) -> ResultsFile:
@@ -131,7 +129,7 @@ class ResultsFile:
                 logger.warning("%s: dropping an incomplete last line (%d bytes) left by an interrupted run",
                                self.path, len(data) - cut)
                 data = data[:cut]
-                self.repaired_tail = rewrite = True
+                rewrite = True
             for lineno, raw in enumerate(data.decode("utf-8", errors="replace").splitlines(), 1):
                 if not raw.strip():
                     continue
@@ -143,7 +141,6 @@ class ResultsFile:
                     kept.append(raw)
                     continue
                 if drop is not None and isinstance(record, dict) and drop(record):
-                    self.dropped += 1
                     rewrite = True
                     continue
                 kept.append(raw)

@@ -260,7 +260,6 @@ class RunSummary:
     answered: int = 0       # answered now, without error
     errors: int = 0         # answered now with metadata.error
     duplicates: int = 0     # repeated question ids left out of the question file
-    interrupted: bool = False
     error_counts: dict[str, int] = field(default_factory=dict)
 
     def line(self) -> str:
@@ -371,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     dec = p.add_argument_group("decoding")
     dec.add_argument("--temperature", type=float, default=0.0,
                      help="0 (default here; the original used 0.2) is greedy and reproducible")
-    dec.add_argument("--top_p", "--top-p", dest="top_p", type=float, default=None, help="default 1.0")
+    dec.add_argument("--top_p", "--top-p", dest="top_p", type=float, default=1.0, help="default 1.0")
     dec.add_argument("--num_beams", "--num-beams", dest="num_beams", type=int, default=1,
                      help="only 1: beam search is not supported by the serving engines")
     dec.add_argument("--max-new-tokens", type=int, default=1024, help="default 1024, the original's")
@@ -398,8 +397,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.num_beams != 1:
         parser.error(f"--num_beams {args.num_beams}: only 1 is supported (the serving engines decode greedily or by "
                      f"sampling, not by beam search)")
-    if args.top_p is None:
-        args.top_p = 1.0
     try:
         SamplingParams(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens)
     except LlavaMedError as exc:
