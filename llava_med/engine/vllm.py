@@ -109,7 +109,6 @@ class _Served:
     image_processor: Any
     image_token_id: int
     tokens_per_image: int
-    eos_token_id: int | None
     aspect_default: str
     context_length: int
     max_images: int
@@ -276,7 +275,6 @@ class VLLMEngine(Engine):
             image_processor=CLIPImageProcessorPil.from_pretrained(str(folder)),
             image_token_id=image_token_id,
             tokens_per_image=tokens_per_image,
-            eos_token_id=tokenizer.eos_token_id,
             # The Llava format has no aspect mode: a folder converted by us says the release's ("pad" for v1.5);
             # another folder gets what its image processor does on its own (crop).
             aspect_default=info.get("image_aspect_ratio") or "crop",
@@ -379,7 +377,7 @@ class VLLMEngine(Engine):
     async def generate_stream(self, request: EngineRequest) -> AsyncIterator[GenerationOutput]:
         from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
 
-        from llava_med.model.generation import TextAssembler
+        from llava_med.model.generation import PreparedPrompt, SequenceState
 
         if not self.ready:
             raise LlavaMedError("the model is not loaded (or the vLLM engine stopped)")
@@ -392,30 +390,24 @@ class VLLMEngine(Engine):
         prompt: dict[str, Any] = {"prompt_token_ids": ids}
         if images:
             prompt["multi_modal_data"] = {"image": images}
-        sampling = self._sampling_params(request, served.context_length - positions)
-        assembler = TextAssembler(served.tokenizer, request.params.stop)
-        generated = 0
+        room = served.context_length - positions
+        sampling = self._sampling_params(request, room)
+        # EOS, stop strings, the length limit (vLLM's max_tokens is the same) and the text: the hf engine's state.
+        state = SequenceState(PreparedPrompt(ids, None, positions, room), request.params, served.tokenizer)
         engine_done = False  # vLLM finished the request by itself (else it is aborted when this generator ends)
         stream = self.llm.generate(prompt, sampling, f"llava-med-{next(self._ids)}")
         try:
             async for out in stream:
                 engine_done = out.finished
                 completion = out.outputs[0]
-                end_of_sequence = False
                 for token in completion.token_ids:
-                    generated += 1
-                    if token == served.eos_token_id and not request.params.ignore_eos:
-                        end_of_sequence = True
+                    if not state.accept(token):  # EOS or a stop string: we stop here, vLLM is aborted below
                         break
-                    if assembler.add(token):  # a stop string: we stop here, vLLM is aborted below
-                        break
-                if assembler.stopped or end_of_sequence or out.finished:
-                    reason = ("stop" if assembler.stopped or end_of_sequence
-                              else _FINISH.get(completion.finish_reason or "", "stop"))
-                    yield GenerationOutput(assembler.final_text, reason, positions, generated,
-                                           tuple(assembler.token_ids))
+                if out.finished and state.finish_reason in (None, "length"):
+                    state.finish_reason = _FINISH.get(completion.finish_reason or "", "stop")  # vLLM ended it
+                yield state.update()
+                if state.finish_reason is not None:
                     return
-                yield GenerationOutput(assembler.text, None, positions, generated)
         except EngineDeadError as exc:
             engine_done = True
             raise LlavaMedError(f"the vLLM engine died: {exc}") from exc
