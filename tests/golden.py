@@ -70,7 +70,7 @@ def record_all(urls: dict[str, str]) -> dict[str, str]:
 def record_streams(log_dir: Path) -> dict[str, str]:
     """Start a controller, a tiny-model worker and a fake worker, and record every stream of :func:`requests_for`
     (the recording and the test that replays it run this same function). The servers' logs are printed on failure."""
-    from servers import FAST_HEARTBEAT_ENV, ProcessGroup, wait_until
+    from servers import FAST_HEARTBEAT_ENV, ProcessGroup, listed_models, wait_until
 
     group = ProcessGroup(log_dir, env=FAST_HEARTBEAT_ENV)
     try:
@@ -79,7 +79,7 @@ def record_streams(log_dir: Path) -> dict[str, str]:
                                   wait=False)
         fake = group.start_worker(None, "--fake-token-delay", "0", model_name=FAKE)
         tiny.wait_healthy(180)
-        wait_until(lambda: requests.post(ctrl.url + "/list_models", timeout=5).json()["models"] == [TINY], 20,
+        wait_until(lambda: listed_models(ctrl.url) == [TINY], 20,
                    message="the tiny worker registered")
         return record_all({"tiny": tiny.url, "fake": fake.url, "relay": ctrl.url})
     except BaseException:

@@ -57,6 +57,16 @@ def last_before_error(chunks: Iterator[dict]) -> dict | None:
     return last
 
 
+def queue_length(url: str) -> int:
+    """The queue length a worker (or a controller) reports on ``/worker_get_status``."""
+    return int(requests.post(url + "/worker_get_status", timeout=5).json()["queue_length"])
+
+
+def listed_models(controller_url: str) -> list[str]:
+    """The models a controller lists (``/list_models``)."""
+    return requests.post(controller_url + "/list_models", timeout=5).json()["models"]
+
+
 def wait_until(predicate: Callable[[], Any], timeout: float, interval: float = 0.05,
                message: str = "condition") -> Any:
     """Poll ``predicate`` until it returns a truthy value (returned) or ``timeout`` seconds pass (AssertionError).

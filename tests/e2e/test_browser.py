@@ -29,9 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-import requests
 from sample_images import PHI_VALUES, ct_series, phi_ct_dicom, png_bytes, png_file, scan
-from servers import ProcessGroup, ServerProcess, free_port, module_processes, wait_until
+from servers import ProcessGroup, ServerProcess, free_port, listed_models, module_processes, queue_length, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -75,7 +74,7 @@ class Site:
         worker = self.group.start_worker(controller.url, "--fake-token-delay", "0.04", "--fake-script", SCRIPT,
                                          "--stream-min-interval", "0")
         self.backend = [controller, worker]
-        wait_until(lambda: requests.post(controller.url + "/list_models", timeout=5).json()["models"], 15,
+        wait_until(lambda: listed_models(controller.url), 15,
                    message="the worker registered")
 
     def stop_backend(self) -> None:
@@ -84,7 +83,7 @@ class Site:
         self.backend = []
 
     def worker_queue_length(self) -> int:
-        return int(requests.post(self.backend[1].url + "/worker_get_status", timeout=5).json()["queue_length"])
+        return queue_length(self.backend[1].url)
 
     def page(self, *, width: int = 1400, height: int = 1000, dark: bool = False):
         from playwright.sync_api import expect

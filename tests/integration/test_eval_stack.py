@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import requests
 from sample_images import png_file, scan
-from servers import _base_env, module_processes, wait_until
+from servers import _base_env, listed_models, module_processes, wait_until
 
 from llava_med.eval import model_vqa
 
@@ -38,7 +38,7 @@ def stack(tmp_path_factory, request):
 
         def both_registered() -> bool:
             status = requests.post(ctrl.url + "/worker_get_status", timeout=5).json()
-            return requests.post(ctrl.url + "/list_models", timeout=5).json()["models"] == [TINY] and \
+            return listed_models(ctrl.url) == [TINY] and \
                 status["speed"] >= 2
 
         wait_until(both_registered, 30, message="both workers registered")

@@ -20,6 +20,7 @@ from servers import (
     last_before_error,
     module_processes,
     original_stream,
+    queue_length,
     wait_until,
 )
 
@@ -44,10 +45,6 @@ def post(url: str, **kwargs) -> requests.Response:
 
 def workers_known(controller: ServerProcess) -> int:
     return requests.get(controller.url + "/health", timeout=5).json()["workers"]
-
-
-def queue_length(worker: ServerProcess) -> int:
-    return post(worker.url + "/worker_get_status", timeout=5).json()["queue_length"]
 
 
 @dataclass
@@ -109,9 +106,9 @@ def test_client_closing_its_stream_frees_the_worker(stack, route):
     lines = (c for c in response.iter_lines(decode_unicode=False, delimiter=b"\0") if c)
     for _ in range(3):
         assert json.loads(next(lines))["error_code"] == 0
-    busy = wait_until(lambda: [w for w in stack.workers if queue_length(w) == 1], 5, message="a busy worker")
+    busy = wait_until(lambda: [w for w in stack.workers if queue_length(w.url) == 1], 5, message="a busy worker")
     response.close()
-    wait_until(lambda: all(queue_length(w) == 0 for w in busy), 5, message="queue length back to 0")
+    wait_until(lambda: all(queue_length(w.url) == 0 for w in busy), 5, message="queue length back to 0")
 
 
 def test_test_message_script(stack):
@@ -143,7 +140,7 @@ def test_worker_killed_mid_stream(procs: ProcessGroup):
     chunks = original_stream(ctrl.url, LONG, timeout=(5, 20))
     for _ in range(3):
         assert next(chunks)["error_code"] == 0
-    [victim] = wait_until(lambda: [w for w in workers if queue_length(w) == 1], 5, message="the busy worker")
+    [victim] = wait_until(lambda: [w for w in workers if queue_length(w.url) == 1], 5, message="the busy worker")
     [survivor] = [w for w in workers if w is not victim]
     victim.kill()
     killed_at = time.monotonic()
@@ -210,4 +207,4 @@ def test_non_streaming_client_that_leaves_frees_its_slot(stack):
     worker = stack.workers[0]
     with pytest.raises(requests.exceptions.ReadTimeout):
         requests.post(worker.url + "/worker_generate", json=LONG, timeout=(5, 1))
-    wait_until(lambda: queue_length(worker) == 0, 10, message="the worker cancelled the abandoned generation")
+    wait_until(lambda: queue_length(worker.url) == 0, 10, message="the worker cancelled the abandoned generation")

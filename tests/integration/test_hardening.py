@@ -22,6 +22,7 @@ from servers import (
     last_before_error,
     module_processes,
     original_stream,
+    queue_length,
     wait_until,
 )
 
@@ -240,7 +241,7 @@ def test_a_frozen_worker_times_out_and_the_other_serves(procs):
         long = {"model": FAKE, "prompt": "[INST] talk [/INST]", "ignore_eos": True, "max_new_tokens": 500}
         chunks = original_stream(ctrl.url, long, timeout=(5, 20))
         assert next(chunks)["error_code"] == 0
-        [frozen] = [w for w in workers if post(w.url + "/worker_get_status").json()["queue_length"] == 1]
+        [frozen] = [w for w in workers if queue_length(w.url) == 1]
         frozen.signal(signal.SIGSTOP)
         stopped_at = time.monotonic()
         last = last_before_error(chunks)

@@ -8,7 +8,7 @@ import base64
 import pytest
 import requests
 from sample_images import png_b64, scan
-from servers import module_processes, original_stream, wait_until
+from servers import listed_models, module_processes, original_stream, queue_length, wait_until
 
 from llava_med.chat import Message, render_chat
 
@@ -32,7 +32,7 @@ def stack(tmp_path_factory, request):
         api = group.start_module("openai-api", "llava_med.serve.openai_api", "--controller-url", ctrl.url,
                                  "--api-keys", f"other,{KEY}")
         tiny.wait_healthy(180)
-        wait_until(lambda: set(requests.post(ctrl.url + "/list_models", timeout=5).json()["models"]) == {TINY, SLOW},
+        wait_until(lambda: set(listed_models(ctrl.url)) == {TINY, SLOW},
                    20, message="both models listed")
         yield ctrl, tiny, slow, api
 
@@ -89,7 +89,7 @@ def test_stopping_a_stream_halfway_empties_the_workers_queue(stack, client):
     _, _, slow, _ = stack
 
     def queue() -> int:
-        return requests.post(slow.url + "/worker_get_status", timeout=5).json()["queue_length"]
+        return queue_length(slow.url)
 
     stream = client.chat.completions.create(model=SLOW, messages=[{"role": "user", "content": "talk"}],
                                             stream=True, max_tokens=1000)

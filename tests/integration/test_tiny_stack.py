@@ -8,7 +8,7 @@ import base64
 import pytest
 import requests
 from sample_images import png_b64, scan
-from servers import module_processes, original_stream, wait_until
+from servers import listed_models, module_processes, original_stream, queue_length, wait_until
 
 from llava_med.chat import Message, render_chat
 from llava_med.model.generation import generate
@@ -35,7 +35,7 @@ def stack(tmp_path_factory, request):
         fake = group.start_worker(ctrl.url, model_name=FAKE, wait=False)
         real.wait_healthy(180)
         fake.wait_healthy(30)
-        wait_until(lambda: set(requests.post(ctrl.url + "/list_models", timeout=5).json()["models"]) == {TINY, FAKE},
+        wait_until(lambda: set(listed_models(ctrl.url)) == {TINY, FAKE},
                    20, message="both models listed")
         yield ctrl, real
 
@@ -123,6 +123,6 @@ def test_closing_stream_frees_the_real_worker(stack):
     response.close()
 
     def idle() -> bool:
-        return requests.post(real.url + "/worker_get_status", timeout=5).json()["queue_length"] == 0
+        return queue_length(real.url) == 0
 
     wait_until(idle, 20, message="queue length back to 0 after the client left")

@@ -24,7 +24,7 @@ pytest.importorskip("vllm", reason="vLLM is not installed here (bash scripts/set
 
 import requests  # noqa: E402
 from sample_images import png_b64, scan  # noqa: E402
-from servers import module_processes, original_stream, wait_until  # noqa: E402
+from servers import listed_models, module_processes, original_stream, queue_length, wait_until  # noqa: E402
 
 from llava_med.chat import Message, render_chat  # noqa: E402
 from llava_med.serve.client import LlavaMedClient, WorkerError  # noqa: E402
@@ -61,7 +61,7 @@ def stack(small_checkpoint, tmp_path_factory, request):
             "--enforce-eager", "--max-num-seqs", "1", "--max-images-per-prompt", "2", "--max-new-tokens-cap",
             str(LONG_TOKENS), engine="vllm", wait=False)
         worker.wait_healthy(420)
-        wait_until(lambda: MODEL in requests.post(ctrl.url + "/list_models", timeout=5).json()["models"], 20,
+        wait_until(lambda: MODEL in listed_models(ctrl.url), 20,
                    message="the vLLM worker registered")
         yield ctrl, worker
 
@@ -198,7 +198,7 @@ def test_stop_mid_stream_aborts_the_request_in_vllm(stack):
     assert result["chunks"][-1]["error_code"] == 0
     waited = result["done"] - stopped
     assert waited < 0.25 * LONG_TOKENS * per_token, (waited, per_token)
-    wait_until(lambda: requests.post(worker.url + "/worker_get_status", timeout=5).json()["queue_length"] == 0, 20,
+    wait_until(lambda: queue_length(worker.url) == 0, 20,
                message="the worker's queue is empty again")
 
 
