@@ -30,10 +30,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from tqdm import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
-
-from llava_med.eval.files import EvalInputError, ResultsFile, id_key, iter_jsonl, load_records
+from llava_med.eval.files import EvalInputError, ResultsFile, id_key, iter_jsonl, load_records, run_bounded
 from llava_med.eval.summarize_judge import format_summary, parse_scores, summarize
 
 __all__ = ["INSTRUCT_PROMPT", "SYSTEM_PROMPT", "build_parser", "judge_messages", "main", "run"]
@@ -147,14 +144,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         if not todo:
             return counts
         client = make_client(args)
-        semaphore = asyncio.Semaphore(args.concurrency)
-        bar = tqdm(total=len(pairs), initial=counts["skipped"], unit="review", desc="chat_judge",
-                   dynamic_ncols=True, disable=args.no_progress, file=sys.stderr)
 
-        async def one(question: dict[str, Any], answer: str) -> None:
-            async with semaphore:
-                record = await _judge_one(client, args, question, answer)
-            scores.append(record)
+        def count(pair: tuple[dict[str, Any], str], record: dict[str, Any]) -> dict[str, int]:
+            question = pair[0]
             if record.get("error"):
                 counts["errors"] += 1
                 logger.warning("question %s: %s", question.get("question_id"), record["error"])
@@ -164,14 +156,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                                (record["gpt_eval"] or "")[:200])
             else:
                 counts["judged"] += 1
-            bar.update(1)
-            bar.set_postfix(malformed=counts["malformed"], errors=counts["errors"], refresh=False)
+            return {"malformed": counts["malformed"], "errors": counts["errors"]}
 
         try:
-            with logging_redirect_tqdm():
-                await asyncio.gather(*(one(q, a) for q, a in todo))
+            await run_bounded(todo, lambda pair: _judge_one(client, args, *pair), scores,
+                              concurrency=args.concurrency, on_record=count, total=len(pairs),
+                              initial=counts["skipped"], unit="review", desc="chat_judge",
+                              no_progress=args.no_progress)
         finally:
-            bar.close()
             await client.close()
     finally:
         scores.close()

@@ -5,6 +5,7 @@
 * :class:`ResultsFile` is an append-only JSON-lines file that a run can be stopped and restarted on: each record is
   written whole and flushed as it arrives, a record cut short by a kill is dropped on reopening, and the keys
   already written are known, so a restart does only what is missing.
+* :func:`run_bounded` runs the missing items, a bounded number at once, appending each record as it completes.
 
 Question ids are compared as strings (``question_id`` 7 and ``"7"`` are the same question), so a ground truth file
 written by one tool joins the answers written by another.
@@ -12,16 +13,19 @@ written by one tool joins the answers written by another.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
 import os
-from collections.abc import Callable, Iterator, Sequence
+import sys
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-__all__ = ["EvalInputError", "Line", "ResultsFile", "get_chunk", "id_key", "iter_jsonl", "load_records"]
+__all__ = ["EvalInputError", "Line", "ResultsFile", "get_chunk", "id_key", "iter_jsonl", "load_records",
+           "run_bounded"]
 
 logger = logging.getLogger(__name__)
 
@@ -173,3 +177,31 @@ class ResultsFile:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+async def run_bounded(items: Sequence[T], work: Callable[[T], Awaitable[dict[str, Any]]], results: ResultsFile, *,
+                      concurrency: int, on_record: Callable[[T, dict[str, Any]], dict[str, int]], total: int,
+                      initial: int, unit: str, desc: str, no_progress: bool) -> None:
+    """``work(item)`` for every item, at most ``concurrency`` at once; each record is appended to ``results`` as it
+    completes and handed to ``on_record``, which counts it and returns the figures shown beside the progress bar
+    (``total`` items in all, ``initial`` of them done before this run)."""
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    semaphore = asyncio.Semaphore(concurrency)
+    bar = tqdm(total=total, initial=initial, unit=unit, desc=desc, dynamic_ncols=True, disable=no_progress,
+               file=sys.stderr)
+
+    async def one(item: T) -> None:
+        async with semaphore:
+            record = await work(item)
+        results.append(record)
+        figures = on_record(item, record)
+        bar.update(1)
+        bar.set_postfix(**figures, refresh=False)
+
+    try:
+        with logging_redirect_tqdm():
+            await asyncio.gather(*(one(item) for item in items))
+    finally:
+        bar.close()

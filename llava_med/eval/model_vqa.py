@@ -42,13 +42,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
-
 from llava_med.chat import Message, render_chat, resolve_conv_mode
 from llava_med.constants import DEFAULT_IMAGE_TOKEN, RESEARCH_ONLY_NOTICE, ErrorCode
 from llava_med.errors import LlavaMedError
-from llava_med.eval.files import EvalInputError, ResultsFile, get_chunk, id_key, iter_jsonl
+from llava_med.eval.files import EvalInputError, ResultsFile, get_chunk, id_key, iter_jsonl, run_bounded
 from llava_med.model.args import add_model_args, load_config_from_args
 from llava_med.sampling import SamplingParams
 
@@ -324,14 +321,7 @@ async def run(args: argparse.Namespace, *, loaded: Any = None) -> RunSummary:
 
 async def _run_all(todo: list[Question], backend: Any, answers: ResultsFile, args: argparse.Namespace,
                    summary: RunSummary) -> None:
-    semaphore = asyncio.Semaphore(backend.concurrency)
-    bar = tqdm(total=summary.total, initial=summary.skipped, unit="answer", desc="model_vqa", dynamic_ncols=True,
-               disable=args.no_progress, file=sys.stderr)
-
-    async def one(question: Question) -> None:
-        async with semaphore:
-            record = await _answer(question, backend, args)
-        answers.append(record)
+    def count(question: Question, record: dict[str, Any]) -> dict[str, int]:
         error = record["metadata"].get("error")
         if error:
             summary.errors += 1
@@ -340,14 +330,11 @@ async def _run_all(todo: list[Question], backend: Any, answers: ResultsFile, arg
             logger.warning("question %s: %s", question.key, error)
         else:
             summary.answered += 1
-        bar.update(1)
-        bar.set_postfix(errors=summary.errors, refresh=False)
+        return {"errors": summary.errors}
 
-    try:
-        with logging_redirect_tqdm():
-            await asyncio.gather(*(one(q) for q in todo))
-    finally:
-        bar.close()
+    await run_bounded(todo, lambda question: _answer(question, backend, args), answers,
+                      concurrency=backend.concurrency, on_record=count, total=summary.total, initial=summary.skipped,
+                      unit="answer", desc="model_vqa", no_progress=args.no_progress)
 
 
 # ---------------------------------------------------------------------------------------------------------- cli
