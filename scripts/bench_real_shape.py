@@ -252,7 +252,7 @@ def machine() -> str:
         bnb = f", bitsandbytes {bitsandbytes.__version__}"
     except ImportError:
         bnb = ""
-    from llava_med.model.builder import cpu_native_bf16
+    from llava_med.model.dtypes import cpu_native_bf16
 
     return (f"{cpu}, {os.cpu_count()} CPUs ({torch.get_num_threads()} torch threads), {mem:.1f} GiB RAM, native bf16: "
             f"{cpu_native_bf16() or 'no'}; Linux {platform.release()}, Python {platform.python_version()}, torch "

@@ -47,7 +47,8 @@ from llava_med.engine.hf import BatchingConfig, HFEngine  # noqa: E402
 from llava_med.errors import CheckpointError  # noqa: E402
 from llava_med.model.args import LoadConfig  # noqa: E402
 from llava_med.model.batching import DecodeBatch, KVPool, PoolLayout, format_bytes  # noqa: E402
-from llava_med.model.builder import choose_dtype, load_pretrained_model, resolve_checkpoint, resolve_device  # noqa: E402
+from llava_med.model.builder import load_pretrained_model, resolve_checkpoint  # noqa: E402
+from llava_med.model.dtypes import choose_dtype, resolve_device  # noqa: E402
 from llava_med.model.generation import (  # noqa: E402
     SamplingPlan,
     TokenSampler,

@@ -281,14 +281,14 @@ def _fake_gpus(monkeypatch, *capabilities: tuple[int, int], name: str = "Tesla V
 
 
 def test_dtype_on_gpus_is_bf16_only_with_native_support(monkeypatch, caplog):
-    from llava_med.model.builder import choose_dtype
+    from llava_med.model.dtypes import choose_dtype
 
     monkeypatch.delenv("LLAVA_MED_DTYPE", raising=False)  # the suite pins float32: here, the default choice
-    monkeypatch.setattr("llava_med.model.builder.cpu_native_bf16", lambda: None)
+    monkeypatch.setattr("llava_med.model.dtypes.cpu_native_bf16", lambda: None)
     _fake_gpus(monkeypatch, (7, 0))  # V100: bf16 only emulated
     assert choose_dtype(LoadConfig(), "cuda") == (
         torch.float16, "Tesla V100-SXM2-16GB (compute capability 7.0) has no native bfloat16")
-    with caplog.at_level("WARNING", logger="llava_med.model.builder"):
+    with caplog.at_level("WARNING", logger="llava_med.model.dtypes"):
         assert choose_dtype(LoadConfig(dtype="bfloat16"), "cuda") == (torch.bfloat16, "--dtype")
     assert "emulated and slow" in caplog.text
     _fake_gpus(monkeypatch, (8, 0), (8, 6), name="NVIDIA A100-SXM4-80GB")

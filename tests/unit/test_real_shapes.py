@@ -11,9 +11,10 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from llava_med.model import builder, tiny
+from llava_med.model import dtypes, tiny
 from llava_med.model.args import DTYPE_ENV, LoadConfig, add_model_args, load_config_from_args
-from llava_med.model.builder import cpu_native_bf16, dtype_reason, load_pretrained_model, resolve_dtype
+from llava_med.model.builder import load_pretrained_model
+from llava_med.model.dtypes import cpu_native_bf16, dtype_reason, resolve_dtype
 from llava_med.model.generation import generate, prepare_prompt
 from llava_med.sampling import SamplingParams
 from sample_images import scan  # tests/ is on sys.path through conftest
@@ -133,7 +134,7 @@ def test_native_bf16_is_read_from_the_cpu_flags(cpuinfo, flag):
 
 @pytest.mark.parametrize(("flag", "expected"), [("avx512_bf16", torch.bfloat16), (None, torch.float32)])
 def test_auto_on_cpu_is_bf16_only_with_native_bf16(monkeypatch, flag, expected):
-    monkeypatch.setattr(builder, "cpu_native_bf16", lambda cpuinfo=None: flag)
+    monkeypatch.setattr(dtypes, "cpu_native_bf16", lambda cpuinfo=None: flag)
     assert resolve_dtype("auto", "cpu") is expected
     assert resolve_dtype(None, "cpu") is expected
     assert resolve_dtype("float32", "cpu") is torch.float32
@@ -166,7 +167,7 @@ def test_the_test_suite_runs_in_float32():
 
 
 def test_startup_log_says_which_dtype_and_why(tiny_checkpoint, monkeypatch, caplog):
-    monkeypatch.setattr(builder, "cpu_native_bf16", lambda cpuinfo=None: "avx512_bf16")
+    monkeypatch.setattr(dtypes, "cpu_native_bf16", lambda cpuinfo=None: "avx512_bf16")
     with caplog.at_level(logging.INFO, logger="llava_med.model.builder"):
         loaded = load_pretrained_model(LoadConfig(model_path=str(tiny_checkpoint), dtype="auto"))
     assert loaded.model.language_model.dtype == torch.bfloat16
